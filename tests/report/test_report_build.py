@@ -1,0 +1,124 @@
+"""The whole report stage: the files it writes, all-or-nothing publishing, the page and the captions."""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flashnet import cli, pipeline
+from flashnet.report import build, plots
+from flashnet.report.html import SECTIONS
+
+REPO = Path(__file__).resolve().parents[2]
+EXPECTED_FILES = {"summary.md", "summary.csv", "references.csv", "projection.csv", "accuracy_vs_epoch.png",
+                  "accuracy_vs_time.png", "accuracy_vs_batch.png", "throughput.png", "lr_schedule.png",
+                  "report.html"}
+
+
+@pytest.fixture
+def two_runs(make_run):
+    return [make_run("lars-b64"),
+            make_run("h100-b1024", model="resnet50", batch_size=1024, devices_per_node=4, accelerator="gpu",
+                     device_name="NVIDIA H100 80GB HBM3", precision="bf16-mixed", images_per_s=11000.0,
+                     target_top1=0.759, final_top1=0.765)]
+
+
+def test_writes_exactly_the_report_files(two_runs, settings, tmp_path):
+    out_dir = tmp_path / "results" / "report"
+    files = build.build_report(two_runs, settings, out_dir)
+    assert set(files) == EXPECTED_FILES
+    assert {path.name for path in out_dir.iterdir()} == EXPECTED_FILES  # no staging folder left behind
+    for name in EXPECTED_FILES:
+        assert (out_dir / name).stat().st_size > 0
+    for name in plots.FIGURE_WRITERS:
+        with Image.open(out_dir / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size == (990, 594)  # 9 × 5.4 in at 110 dpi
+
+
+def test_report_from_cli(two_runs, settings, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    status = cli.main(["report", "--runs", *map(str, two_runs), "--settings", json.dumps(settings),
+                       "--out-dir", str(out_dir)])
+    assert status == 0
+    assert "report of 2 run(s)" in capsys.readouterr().out
+    assert {path.name for path in out_dir.iterdir()} == EXPECTED_FILES
+
+
+def test_failure_while_writing_keeps_the_previous_report(two_runs, settings, tmp_path, monkeypatch):
+    out_dir = tmp_path / "report"
+    build.build_report(two_runs[:1], settings, out_dir)
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+
+    def broken_plot(runs, path):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setitem(plots.FIGURE_WRITERS, "lr_schedule", broken_plot)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build.build_report(two_runs, settings, out_dir)
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
+def test_page_is_self_contained(two_runs, settings, tmp_path):
+    page = build.build_report(two_runs, settings, tmp_path / "report")["report.html"].read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 5 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "url(" not in page  # no CSS fetches either
+    headings = re.findall(r"<h[12][^>]*>(.*?)</h[12]>", page)
+    assert headings == ["flashnet report", *(heading for _, heading, _ in SECTIONS)]
+    assert headings[1:] == ["Runs", "Accuracy", "Throughput", "Learning rate", "Published reference points",
+                            "Projection"]
+    assert "published, not measured here" in page and "estimate, not a measurement" in page
+    assert "2.14.1" in page and "NVIDIA H100 80GB HBM3" in page  # versions and hardware from the summaries
+
+
+def test_figures_match_the_workflow():
+    assert list(plots.FIGURE_WRITERS) == list(pipeline.REPORT_FIGURES)
+    assert list(plots.FIGURE_TITLES) == list(plots.FIGURE_WRITERS)
+
+
+def test_every_report_output_has_a_short_caption():
+    rule = (REPO / "workflow/rules/report.smk").read_text()
+    captions = set(re.findall(r'caption="\.\./report/(\w+)\.rst"', rule))
+    assert captions == {"summary", "references", "projection"}
+    assert 'caption=f"../report/{name}.rst"' in rule
+    for name in captions | set(pipeline.REPORT_FIGURES):
+        lines = (REPO / "workflow/report" / f"{name}.rst").read_text().strip().splitlines()
+        assert 1 <= len(lines) <= 4, name
+    assert (REPO / "workflow/report/workflow.rst").read_text().strip()
+
+
+def test_captions_render_with_the_config():
+    """Snakemake renders captions as Jinja templates with ``snakemake.config``; they must render."""
+    jinja2 = pytest.importorskip("jinja2")
+    config = {"data_dir": "resources/sample-imagenet",
+              "report": {"projection_devices": 2048, "projection_epochs": 90, "link_gbps": 100, "link_latency_us": 5}}
+    snakemake = types.SimpleNamespace(config=config)
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    rendered = environment.from_string((REPO / "workflow/report/projection.rst").read_text()).render(
+        snakemake=snakemake)
+    assert "at 2048 devices" in rendered and "100 Gbit/s" in rendered
+    rendered = environment.from_string((REPO / "workflow/report/workflow.rst").read_text()).render(
+        snakemake=snakemake)
+    assert "resources/sample-imagenet" in rendered
+
+
+@pytest.mark.parametrize("values, wide", [([40.0, 53.0], False), ([40.0, 11000.0], True), ([0.0, 5.0], False)])
+def test_wide_ranges_go_on_log_axes(values, wide):
+    assert plots.spans_wide_range(values) is wide
+
+
+@pytest.mark.parametrize("seconds, unit", [(90.0, (1.0, "s")), (412.5, (60.0, "min")), (9000.0, (3600.0, "h"))])
+def test_time_axis_units(seconds, unit):
+    assert plots.time_axis(seconds) == unit
+
+
+def test_duration_tick_labels():
+    assert [plots.short_duration(s) for s in (1, 30, 60, 300, 3600, 7200, 86400)] == \
+           ["1 s", "30 s", "1 min", "5 min", "1 h", "2 h", "1 d"]

@@ -1,0 +1,387 @@
+"""Tests of flashnet.train.lars against independent references.
+
+timm's per-parameter `timm.optim.Lars` is the reference for LARS groups, torch.optim.SGD
+for plain-SGD groups (`lars=False`). Both are run in lockstep with ours on the same
+gradients and learning-rate schedule, and parameters and momentum buffers are compared
+after every step.
+
+Flag mapping to timm: our `lars=True` group is timm's `always_adapt=True` (timm skips
+the trust ratio when weight_decay == 0 unless always_adapt); `trust_clip`, `nesterov`,
+`eps` and `eta` (timm: `trust_coeff`) mean the same.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torchvision
+from timm.optim import Lars as TimmLars
+
+from flashnet.train.lars import LARS, lars_param_groups, trust_ratio
+
+STEPS = 50
+ETA = 0.001
+
+# name -> shape; every kind of tensor a network hands LARS.
+SHAPES = {
+    "conv": (8, 4, 3, 3),
+    "linear": (16, 8),
+    "vector": (16,),
+    "scalar": (),
+    "zero_init": (5, 5),  # ‖w‖ = 0 on the first step: τ = 1
+    "zero_grad": (6,),  # ‖g‖ = 0 on every step: τ = 1, only weight decay moves it
+    "tiny_grad": (7,),  # ‖g‖ ~ 1e-8, the size of ε: checks where ε enters τ
+    "frozen": (3, 3),  # never gets a gradient: must be skipped
+}
+
+# Largest difference allowed, as a fraction of the tensor's largest |value|: elementwise
+# relative error means nothing for entries that pass through zero. float32 runs free for
+# 50 steps: a few ulps apart, because we add τ·g and τλ·w to the buffer separately where
+# timm first forms τ·(g + λw). bfloat16 is teacher-forced (see `run_lockstep`): timm
+# forms τ from bfloat16 norms, we from float32 ones, so one step differs by ~2 bf16 ulps.
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2**-6}
+
+
+def assert_close_to_scale(
+    actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str, before: torch.Tensor | None = None
+) -> None:
+    """max |actual − expected| <= tolerance · scale, scale = max |expected| (and max |before|,
+    the value the step started from: a buffer m·buf + u can cancel to far below the
+    magnitude of the terms whose rounding errors it carries)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    error = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    if before is not None:
+        scale = max(scale, before.detach().double().abs().max().item())
+    assert error <= tolerance * scale, f"{what}: error {error:.3g} > {tolerance:.3g} x scale {scale:.3g}"
+
+
+def lr_schedule(step: int, peak: float = 4.0) -> float:
+    """Linear warm-up over 10 steps then polynomial (power 2) decay, as LARS recipes use;
+    a different lr at every step exercises lr staying outside the momentum buffer."""
+    warmup = min(1.0, (step + 1) / 10)
+    return peak * warmup * (1 - step / STEPS) ** 2 + 1e-3
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Parameter]:
+    """Parameters of SHAPES, random except the zero-initialised one."""
+    g = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, shape in SHAPES.items():
+        value = torch.zeros(shape) if name == "zero_init" else torch.randn(shape, generator=g)
+        params[name] = torch.nn.Parameter(value.to(dtype))
+    return params
+
+
+def make_grads(params: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor | None]:
+    """Deterministic gradients of step `step`: random, scaled per tensor so that the
+    trust ratios differ by orders of magnitude across tensors."""
+    g = torch.Generator().manual_seed(1000 + step)
+    grads: dict[str, torch.Tensor | None] = {}
+    for i, (name, p) in enumerate(params.items()):
+        grad = torch.randn(p.shape, generator=g) * 10.0 ** (i - 3)
+        grads[name] = grad.to(p.dtype)
+    grads["zero_grad"] = torch.zeros_like(params["zero_grad"])
+    grads["tiny_grad"] = (torch.randn(params["tiny_grad"].shape, generator=g) * 1e-8).to(params["tiny_grad"].dtype)
+    grads["frozen"] = None
+    return grads
+
+
+def set_grads(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor | None]) -> None:
+    for name, p in params.items():
+        p.grad = None if grads[name] is None else grads[name].clone()
+
+
+def run_lockstep(ours, ours_params, reference, reference_params, dtype, steps=STEPS):
+    """Step both optimisers on the same gradients and lr; compare params and buffers after
+    every step.
+
+    bfloat16 runs are teacher-forced: before each step ours is set to the reference's
+    parameters and buffers, so each comparison measures one step's difference instead of
+    50 steps of two rounding sequences drifting apart.
+    """
+    tolerance = TOLERANCES[dtype]
+    for step in range(steps):
+        if dtype == torch.bfloat16:
+            copy_state(reference, reference_params, ours, ours_params)
+        grads = make_grads(ours_params, step)
+        set_grads(ours_params, grads)
+        set_grads(reference_params, grads)
+        for opt in (ours, reference):
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule(step)
+        buffers_before = {
+            name: reference.state[p]["momentum_buffer"].clone()
+            for name, p in reference_params.items()
+            if "momentum_buffer" in reference.state.get(p, {})
+        }
+        ours.step()
+        reference.step()
+        for name in SHAPES:
+            what = f"{name} at step {step}"
+            assert_close_to_scale(ours_params[name], reference_params[name], tolerance, what)
+            ours_state = ours.state.get(ours_params[name], {})
+            reference_state = reference.state.get(reference_params[name], {})
+            assert ours_state.keys() == reference_state.keys(), what
+            if "momentum_buffer" in ours_state:
+                assert_close_to_scale(
+                    ours_state["momentum_buffer"],
+                    reference_state["momentum_buffer"],
+                    tolerance,
+                    f"buffer of {what}",
+                    before=buffers_before.get(name),
+                )
+
+
+def copy_state(source, source_params, target, target_params) -> None:
+    """Overwrite target's parameters and momentum buffers with source's."""
+    with torch.no_grad():
+        for name, p in source_params.items():
+            target_params[name].copy_(p)
+            if "momentum_buffer" in source.state.get(p, {}):
+                target.state[target_params[name]]["momentum_buffer"].copy_(source.state[p]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+@pytest.mark.parametrize("trust_clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize(
+    "momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)], ids=["sgd", "heavyball", "nesterov"]
+)
+def test_lars_group_matches_timm(dtype, weight_decay, trust_clip, momentum, nesterov):
+    ours_params, timm_params = make_params(dtype), make_params(dtype)
+    hyper = dict(momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, trust_clip=trust_clip)
+    ours = LARS(ours_params.values(), lr=1.0, eta=ETA, **hyper)
+    reference = TimmLars(timm_params.values(), lr=1.0, trust_coeff=ETA, always_adapt=True, **hyper)
+
+    run_lockstep(ours, ours_params, reference, timm_params, dtype)
+
+    # The frozen tensor never moved and has no state; the others did move.
+    assert torch.equal(ours_params["frozen"], make_params(dtype)["frozen"])
+    assert ours_params["frozen"] not in ours.state
+    assert not torch.equal(ours_params["conv"], make_params(dtype)["conv"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_mlperf_groups_match_timm(dtype, nesterov):
+    """The MLPerf split: LARS + decay on ≥2-D tensors, plain SGD without decay on the rest
+    (timm reproduces the latter with weight_decay=0 and always_adapt=False)."""
+    ours_params, timm_params = make_params(dtype), make_params(dtype)
+
+    def split(params):
+        return (
+            [p for p in params.values() if p.ndim > 1],
+            [p for p in params.values() if p.ndim <= 1],
+        )
+
+    ours_adapted, ours_excluded = split(ours_params)
+    timm_adapted, timm_excluded = split(timm_params)
+    ours = LARS(
+        [
+            {"params": ours_adapted, "weight_decay": 5e-4, "lars": True},
+            {"params": ours_excluded, "weight_decay": 0.0, "lars": False},
+        ],
+        lr=1.0,
+        momentum=0.9,
+        nesterov=nesterov,
+    )
+    reference = TimmLars(
+        [
+            {"params": timm_adapted, "weight_decay": 5e-4},
+            {"params": timm_excluded, "weight_decay": 0.0},
+        ],
+        lr=1.0,
+        momentum=0.9,
+        nesterov=nesterov,
+    )
+    run_lockstep(ours, ours_params, reference, timm_params, dtype)
+
+
+@pytest.mark.parametrize(
+    "momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)], ids=["sgd", "heavyball", "nesterov"]
+)
+def test_plain_group_with_weight_decay_matches_torch_sgd(momentum, nesterov):
+    """`lars=False` is exactly SGD, weight decay included (timm would adapt when λ ≠ 0)."""
+    ours_params, sgd_params = make_params(torch.float32), make_params(torch.float32)
+    hyper = dict(momentum=momentum, weight_decay=1e-2, nesterov=nesterov)
+    ours = LARS(ours_params.values(), lr=1.0, lars=False, **hyper)
+    reference = torch.optim.SGD(sgd_params.values(), lr=1.0, foreach=False, **hyper)
+    run_lockstep(ours, ours_params, reference, sgd_params, torch.float32)
+
+
+def test_trust_ratio_values():
+    """τ = η‖w‖/(‖g‖ + λ‖w‖ + ε), and 1 where either norm is zero."""
+    weight_norms = torch.tensor([0.0, 2.0, 0.0, 3.0])
+    grad_norms = torch.tensor([1.0, 0.0, 0.0, 0.5])
+    ratios = trust_ratio(weight_norms, grad_norms, eta=0.01, weight_decay=0.1, eps=0.0, lr=0.5, trust_clip=False)
+    expected = torch.tensor([1.0, 1.0, 1.0, 0.01 * 3.0 / (0.5 + 0.1 * 3.0)])
+    torch.testing.assert_close(ratios, expected, rtol=1e-6, atol=0)
+
+    # LARC clipping: min(τ/lr, 1).
+    clipped = trust_ratio(weight_norms, grad_norms, eta=0.01, weight_decay=0.1, eps=0.0, lr=0.5, trust_clip=True)
+    torch.testing.assert_close(clipped, torch.tensor([1.0, 1.0, 1.0, 0.0375 / 0.5]), rtol=1e-6, atol=0)
+    clipped_small_lr = trust_ratio(
+        weight_norms, grad_norms, eta=0.01, weight_decay=0.1, eps=0.0, lr=0.01, trust_clip=True
+    )
+    torch.testing.assert_close(clipped_small_lr, torch.tensor([1.0, 1.0, 1.0, 1.0]), rtol=0, atol=0)
+
+
+def test_zero_initialised_tensor_takes_a_plain_sgd_step():
+    """‖w‖ = 0 ⇒ τ = 1, so the first step is w = −lr·g exactly (λw = 0)."""
+    w = torch.nn.Parameter(torch.zeros(4, 3))
+    w.grad = torch.arange(12.0).reshape(4, 3)
+    LARS([w], lr=0.5, momentum=0.9, weight_decay=1e-4).step()
+    torch.testing.assert_close(w.detach(), -0.5 * torch.arange(12.0).reshape(4, 3), rtol=0, atol=0)
+
+
+def test_lars_step_size_is_eta_times_weight_norm():
+    """Without momentum or decay, ‖Δw‖ = lr·τ‖g‖ = lr·η‖w‖ whatever the gradient's scale —
+    the point of LARS (You et al. 2017, §3)."""
+    w = torch.nn.Parameter(torch.full((10,), 2.0, dtype=torch.float64))  # ‖w‖ = 2·√10
+    before = w.detach().clone()
+    w.grad = torch.full((10,), 1e3, dtype=torch.float64)
+    LARS([w], lr=0.1, momentum=0.0, eta=0.01, eps=0.0).step()
+    step_norm = (w.detach() - before).norm().item()
+    assert step_norm == pytest.approx(0.1 * 0.01 * 2.0 * math.sqrt(10), rel=1e-9)
+
+
+@pytest.mark.parametrize("arch, adapted, excluded", [("resnet18", 21, 41), ("resnet50", 54, 107)])
+def test_param_groups_on_resnet(arch, adapted, excluded):
+    """Conv and fc weights get LARS and decay; every BatchNorm γ/β and bias is excluded;
+    each parameter appears exactly once."""
+    model = getattr(torchvision.models, arch)()
+    groups = lars_param_groups(model, weight_decay=5e-5)
+
+    assert [(g["weight_decay"], g["lars"], len(g["params"])) for g in groups] == [
+        (5e-5, True, adapted),
+        (0.0, False, excluded),
+    ]
+    grouped_ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped_ids) == sorted(id(p) for p in model.parameters())
+    assert len(set(grouped_ids)) == len(grouped_ids)
+
+    excluded_ids = {id(p) for p in groups[1]["params"]}
+    bn_and_bias = {
+        id(p)
+        for module in model.modules()
+        for name, p in module.named_parameters(recurse=False)
+        if isinstance(module, torch.nn.BatchNorm2d) or name == "bias"
+    }
+    assert excluded_ids == bn_and_bias
+    assert id(model.fc.weight) not in excluded_ids and id(model.fc.bias) in excluded_ids
+
+    (everything,) = lars_param_groups(model, weight_decay=5e-5, exclude_bn_and_bias=False)
+    assert everything["lars"] is True and everything["weight_decay"] == 5e-5
+    assert [id(p) for p in everything["params"]] == [id(p) for p in model.parameters()]
+
+
+def test_resnet18_steps_match_timm():
+    """A real network's parameter set with the MLPerf groups. Both optimisers get the
+    gradients of `model`: feeding each its own network's gradients would let the
+    ulp-level differences grow chaotically through batch-4 BatchNorm."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    twin = torchvision.models.resnet18(num_classes=10)
+    twin.load_state_dict(model.state_dict())
+    ours = LARS(lars_param_groups(model, 5e-5), lr=2.0, momentum=0.9)
+    reference = TimmLars(
+        [{k: v for k, v in g.items() if k != "lars"} for g in lars_param_groups(twin, 5e-5)],
+        lr=2.0,
+        momentum=0.9,
+    )
+    images = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    for _ in range(5):
+        ours.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+        ours.step()
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close_to_scale(p, q, TOLERANCES[torch.float32], name)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_state_dict_resume_is_exact(nesterov):
+    """Save at step 10, load into a fresh optimiser, continue: bit-identical to a run
+    that never stopped."""
+    params = make_params(torch.float32)
+    opt = LARS(params.values(), lr=1.0, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    checkpoint = None
+    for step in range(20):
+        if step == 10:
+            buffer = io.BytesIO()
+            torch.save({"params": {k: v.detach() for k, v in params.items()}, "opt": opt.state_dict()}, buffer)
+            checkpoint = buffer.getvalue()
+        set_grads(params, make_grads(params, step))
+        opt.param_groups[0]["lr"] = lr_schedule(step)
+        opt.step()
+
+    saved = torch.load(io.BytesIO(checkpoint))
+    resumed_params = {k: torch.nn.Parameter(v.clone()) for k, v in saved["params"].items()}
+    resumed = LARS(resumed_params.values(), lr=123.0, momentum=0.0)  # hyperparameters come from the checkpoint
+    resumed.load_state_dict(saved["opt"])
+    assert resumed.param_groups[0]["momentum"] == 0.9
+    for step in range(10, 20):
+        set_grads(resumed_params, make_grads(resumed_params, step))
+        resumed.param_groups[0]["lr"] = lr_schedule(step)
+        resumed.step()
+
+    for name in SHAPES:
+        assert torch.equal(resumed_params[name], params[name]), name
+        if name != "frozen":
+            assert torch.equal(
+                resumed.state[resumed_params[name]]["momentum_buffer"],
+                opt.state[params[name]]["momentum_buffer"],
+            ), name
+
+
+def test_closure_is_evaluated_with_grad_and_its_loss_returned():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = LARS([w], lr=0.1, momentum=0.0, eta=1.0, eps=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 25.0
+    # g = 2w, τ = η‖w‖/‖g‖ = 1/2, Δw = −lr·τ·g = −0.1·w.
+    torch.testing.assert_close(w.detach(), torch.tensor([2.7, 3.6]))
+
+
+def test_invalid_hyperparameters_are_rejected():
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="nesterov"):
+        LARS([w], lr=0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="lr"):
+        LARS([w], lr=-0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        LARS([{"params": [w], "weight_decay": -1.0}], lr=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("momentum, nesterov, trust_clip", [(0.9, False, False), (0.9, True, True), (0.0, False, False)])
+def test_cuda_step_never_synchronises(momentum, nesterov, trust_clip):
+    """With sync debug mode "error", any host-device synchronisation inside step() raises."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().cuda()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = LARS(lars_param_groups(model, 5e-5), lr=1.0, momentum=momentum, nesterov=nesterov, trust_clip=trust_clip)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # the first step also creates the momentum buffers
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

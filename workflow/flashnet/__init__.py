@@ -1,0 +1,1 @@
+"""flashnet: large-batch ImageNet training records, reproduced on a SLURM cluster."""

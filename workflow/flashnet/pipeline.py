@@ -1,0 +1,151 @@
+"""What the Snakemake rules ask of the config: file lists, command-line options, JSON settings.
+
+Kept here rather than in the .smk files so the rules stay declarative and pytest reaches the logic.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from . import config as cfg
+from .data import sources
+
+SPLITS = sources.SPLITS
+REPORT_FIGURES = {
+    "accuracy_vs_epoch": "Accuracy",
+    "accuracy_vs_time": "Accuracy",
+    "accuracy_vs_batch": "Accuracy",
+    "throughput": "Throughput",
+    "lr_schedule": "Schedule",
+}
+
+
+def expand_presets(config: dict[str, Any], basedir: str | Path) -> dict[str, Any]:
+    """``config["runs"]`` with presets (config/presets.yaml beside the workflow) expanded."""
+    presets = cfg.load_presets(Path(basedir) / "config" / "presets.yaml")
+    return cfg.expand_presets(config.get("runs", {}), presets)
+
+
+def results(config: dict[str, Any], *parts: str) -> str:
+    return str(Path(config["results_dir"], *parts))
+
+
+def final_outputs(config: dict[str, Any]) -> list[str]:
+    outputs = [results(config, "shards", split, "manifest.json") for split in SPLITS]
+    for run in config["runs"]:
+        outputs += [results(config, "runs", run, name) for name in ("summary.json", "eval.json")]
+    outputs += [results(config, "report", "report.html")]
+    return outputs
+
+
+# --------------------------------------------------------------------------- data stage
+
+
+def sample_data_files(config: dict[str, Any]) -> list[str]:
+    data_dir = Path(config["data_dir"])
+    return [str(data_dir / name) for name in (sources.OFFICIAL_TRAIN, sources.OFFICIAL_VAL, sources.OFFICIAL_DEVKIT)]
+
+
+def sample_data_args(config: dict[str, Any]) -> str:
+    s = config["sample_data"]
+    args = [f"--classes={s['classes']}", f"--train-per-class={s['train_per_class']}",
+            f"--val-per-class={s['val_per_class']}", f"--min-side={s['min_side']}", f"--max-side={s['max_side']}",
+            f"--quality={s['quality']}", f"--seed={s['seed']}"]
+    if not s["odd_files"]:
+        args.append("--no-odd-files")
+    return " ".join(args)
+
+
+def dataset_files(config: dict[str, Any]) -> list[str]:
+    """The input files the index depends on, each directly in data_dir (see :func:`data_dir_of`).
+    Detecting the layout here reports a wrong data_dir before any job starts."""
+    if config["sample_data"]["generate"]:
+        return sample_data_files(config)
+    data_dir = Path(config["data_dir"])
+    layout = sources.detect_layout(data_dir)
+    names = {
+        "official": [sources.OFFICIAL_TRAIN, sources.OFFICIAL_VAL, sources.OFFICIAL_DEVKIT],
+        "extracted": ["train", "val"],
+        "kaggle": [sources.KAGGLE_VAL_SOLUTION, sources.KAGGLE_SYNSETS, "ILSVRC"],
+    }[layout]
+    return [str(data_dir / name) for name in names]
+
+
+def data_dir_of(dataset_files: list[str]) -> str:
+    return str(Path(dataset_files[0]).parent)
+
+
+def shard_options(config: dict[str, Any]) -> str:
+    s = config["shards"]
+    options = [f"--quality={s['quality']}"]
+    if s["max_side"] is not None:
+        options.append(f"--max-side={s['max_side']}")
+    return " ".join(options)
+
+
+def part_files(config: dict[str, Any], parts_dir: str) -> list[str]:
+    return [f"{parts_dir}/{part}.json" for part in range(config["shards"]["jobs"])]
+
+
+# --------------------------------------------------------------------------- training and evaluation
+
+
+def run_config(config: dict[str, Any], run: str) -> cfg.RunConfig:
+    return cfg.RunConfig.from_dict(config["runs"][run], run)
+
+
+def run_json(config: dict[str, Any], run: str) -> str:
+    return json.dumps(run_config(config, run).to_dict(), sort_keys=True)
+
+
+def resolve_cluster(config: dict[str, Any], executor: str | None) -> str:
+    cluster = config["launcher"]["cluster"]
+    if cluster == "auto":
+        return "slurm" if executor == "slurm" else "local"
+    return cluster
+
+
+def parse_slurm_extra(extra: str | None) -> dict[str, str]:
+    """``"--qos=high --constraint=h100"`` (the slurm executor's slurm_extra resource) → submitit's
+    ``slurm_additional_parameters``."""
+    options = {}
+    for token in shlex.split(extra or ""):
+        if not token.startswith("--"):
+            raise cfg.ConfigError(f"resources.slurm_extra: {token!r} is not a --option[=value]")
+        key, _, value = token[2:].partition("=")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def launcher_json(config: dict[str, Any], resources: Any, executor: str | None, gpus_per_node: int = 0) -> str:
+    """Launcher settings for submitit: the config's ``launcher`` section, the cluster resolved from
+    the Snakemake executor, and the site keys (partition, account, extra sbatch options) from the
+    rule's resources, which the slurm profile sets for every rule."""
+    launcher = dict(config["launcher"])
+    launcher["cluster"] = resolve_cluster(config, executor)
+    launcher["slurm_partition"] = resources.get("slurm_partition") or None
+    launcher["slurm_account"] = resources.get("slurm_account") or None
+    launcher["slurm_extra"] = parse_slurm_extra(resources.get("slurm_extra"))
+    launcher["gpus_per_node"] = gpus_per_node
+    cfg.LauncherConfig.from_dict(launcher)  # fail at DAG time, not in the job
+    return json.dumps(launcher, sort_keys=True)
+
+
+def train_launcher_json(config: dict[str, Any], run: str, resources: Any, executor: str | None) -> str:
+    settings = run_config(config, run)
+    gpus = settings.devices_per_node if settings.accelerator == "gpu" else 0
+    return launcher_json(config, resources, executor, gpus)
+
+
+def evaluate_launcher_json(config: dict[str, Any], run: str, resources: Any, executor: str | None) -> str:
+    settings = run_config(config, run)
+    gpus = config["evaluate"]["devices"] if settings.accelerator == "gpu" else 0
+    return launcher_json(config, resources, executor, gpus)
+
+
+def executor_name(workflow: Any) -> str | None:
+    plugin = getattr(workflow, "executor_plugin", None)
+    return getattr(plugin, "name", None)

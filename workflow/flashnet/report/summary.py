@@ -1,0 +1,131 @@
+"""The summary of all runs (one row each), the software they ran on, and summary.md.
+
+Final top-1/top-5 come from eval.json, the evaluation of the final checkpoint on every validation
+image exactly once; everything else from summary.json, which training wrote. The per-epoch
+validation in metrics.csv is only plotted: it may have seen a different number of images.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from . import projection as proj
+from .plots import FIGURE_TITLES
+from .references import PUBLISHED_LABEL, REFERENCES
+from .runs import RunResults
+from .tables import (Table, format_count, format_duration, format_percent, format_published_duration,
+                     format_published_percent, format_rate, format_time_to_target, markdown_table)
+
+SUMMARY_CSV_COLUMNS = (
+    "run", "model", "global_batch", "optimizer", "precision", "nodes", "devices_per_node", "world_size",
+    "accelerator", "device_name", "epochs", "steps", "final_top1", "final_top5", "target_top1",
+    "time_to_target_s", "epochs_to_target", "train_seconds", "images_per_s", "images_per_s_per_device",
+    "eval_samples",
+)
+
+
+def summary_csv_row(run: RunResults) -> dict[str, object]:
+    """One run's row of summary.csv: raw numbers (seconds, fractions), None where there is none."""
+    s, c, e = run.summary, run.config, run.evaluation
+    return {
+        "run": run.name, "model": c["model"], "global_batch": run.global_batch, "optimizer": c["optimizer"],
+        "precision": s["precision"], "nodes": c["nodes"], "devices_per_node": c["devices_per_node"],
+        "world_size": s["world_size"], "accelerator": s["accelerator"], "device_name": s["device_name"],
+        "epochs": s["epochs"], "steps": s["steps"], "final_top1": e["top1"], "final_top5": e["top5"],
+        "target_top1": s["target_top1"], "time_to_target_s": s["time_to_target_s"],
+        "epochs_to_target": s.get("epochs_to_target"), "train_seconds": s["train_seconds"],
+        "images_per_s": s["images_per_s"], "images_per_s_per_device": s["images_per_s_per_device"],
+        "eval_samples": e["samples"],
+    }
+
+
+def summary_table(runs: list[RunResults]) -> Table:
+    """What each run achieved: final accuracy, time to target, train time, throughput."""
+    rows = []
+    for run in runs:
+        r = summary_csv_row(run)
+        rows.append((
+            r["run"], format_percent(r["final_top1"]), format_percent(r["final_top5"]),
+            format_percent(r["target_top1"], 1), format_time_to_target(r["time_to_target_s"], r["epochs_to_target"]),
+            format_duration(r["train_seconds"]), format_rate(r["images_per_s"]),
+            format_rate(r["images_per_s_per_device"]),
+        ))
+    return Table(
+        headers=("Run", "Top-1", "Top-5", "Target top-1", "Time to target", "Train time", "Images/s",
+                 "Images/s per device"),
+        rows=tuple(rows), numeric=(False,) + (True,) * 7,
+    )
+
+
+def recipe_table(runs: list[RunResults]) -> Table:
+    """How each run trained: model, global batch, optimizer, precision, devices, epochs."""
+    rows = []
+    for run in runs:
+        r = summary_csv_row(run)
+        rows.append((
+            r["run"], r["model"], format_count(r["global_batch"]), r["optimizer"].upper(), r["precision"],
+            f"{r['nodes']} × {r['devices_per_node']}", r["device_name"], format_count(r["epochs"]),
+        ))
+    return Table(
+        headers=("Run", "Model", "Global batch", "Optimizer", "Precision", "Nodes × devices", "Device", "Epochs"),
+        rows=tuple(rows), numeric=(False, False, True, False, False, True, False, True),
+    )
+
+
+def software_table(runs: list[RunResults]) -> Table:
+    """What each run ran on: library versions, git revision and when it finished."""
+    rows = []
+    for run in runs:
+        versions = run.summary.get("versions") or {}
+        revision = run.summary.get("git_revision") or "unknown"
+        rows.append((
+            run.name, *(str(versions.get(key, "?")) for key in ("python", "torch", "torchvision",
+                                                                  "pytorch_lightning")),
+            revision[:12], run.finished_at.strftime("%Y-%m-%d %H:%M UTC"),
+        ))
+    return Table(
+        headers=("Run", "Python", "torch", "torchvision", "Lightning", "Git revision", "Finished"),
+        rows=tuple(rows), numeric=(False,) * 7,
+    )
+
+
+def references_table() -> Table:
+    """The published records; the accuracy column says whether it is reached or a target."""
+    rows = tuple(
+        (r.name, f"{r.devices:,} {r.device_name}", "" if r.batch_size is None else f"{r.batch_size:,}",
+         format_published_duration(r.time_s),
+         format_published_percent(r.top1) + (" target" if r.top1_is_target else ""), r.citation)
+        for r in REFERENCES
+    )
+    return Table(headers=("Result", "Devices", "Global batch", "Time", "Top-1", "Source"), rows=rows,
+                 numeric=(False, True, True, True, True, False))
+
+
+def figure_markdown() -> str:
+    return "\n".join(f"![{title}]({name}.png)\n" for name, title in FIGURE_TITLES.items())
+
+
+def summary_markdown(runs: list[RunResults], projections: list[proj.Projection], settings: proj.ProjectionSettings,
+                     generated_at: datetime.datetime) -> str:
+    """summary.md: runs, software, figures, published reference points and the projection."""
+    parts = [
+        "# flashnet report\n",
+        f"Generated {generated_at:%Y-%m-%d %H:%M} UTC from {len(runs)} run(s). Top-1/top-5 are from the final "
+        "evaluation (eval.json: every validation image once); time to target is training time until the "
+        "per-epoch validation first reached the run's target top-1.\n",
+        "## Runs\n", markdown_table(summary_table(runs)),
+        "### Recipe and hardware\n", markdown_table(recipe_table(runs)),
+        "### Software\n", markdown_table(software_table(runs)),
+        "## Figures\n", figure_markdown(),
+        f"## Published reference points ({PUBLISHED_LABEL})\n",
+        "Figures as the sources state them; none of these was run by this workflow.\n",
+        markdown_table(references_table()),
+        "## Projection (an estimate, not a measurement)\n",
+        proj.projection_intro(settings) + "\n",
+        "Assumptions:\n",
+        "\n".join(f"- {line}" for line in proj.projection_assumptions(settings)) + "\n",
+        markdown_table(proj.projection_table(projections)),
+        "Beside Fujitsu's published 74.7 s:\n",
+        "\n".join(f"- {line}" for line in proj.fujitsu_comparisons(projections)) + "\n",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,290 @@
+"""Lightning callbacks: honest timing, the per-epoch and per-step records, resume checkpoints, and
+plain progress lines for job logs.
+
+Every record lives in the callbacks' checkpointed state, and the CSV files are rewritten from that
+state, so a run resumed from an earlier checkpoint never lists an epoch twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from ..progress import format_duration
+
+EPOCH_FIELDS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
+STEP_FIELDS = ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s")
+
+
+class Preempted(Exception):
+    """Raised once a requested stop has been checkpointed: the launcher requeues the job."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class StopRequest:
+    """Set from a signal handler (time limit or preemption); acted on at the next check, when every
+    rank agrees, at a batch boundary."""
+
+    requested: bool = False
+    reason: str = ""
+
+    def request(self, reason: str) -> None:
+        self.requested, self.reason = True, reason
+
+
+def synchronize(trainer: pl.Trainer) -> None:
+    """Wait for queued device work, so a clock read measures it (no-op on CPU)."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+class TrainClock(pl.Callback):
+    """Training wall time summed over job segments (requeues don't count the time spent queued).
+    Reads are taken after a device synchronisation."""
+
+    def __init__(self):
+        self.before = 0.0  # seconds trained by earlier segments
+        self.segment_start = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        synchronize(trainer)
+        self.segment_start = time.perf_counter()
+
+    def elapsed(self, trainer: pl.Trainer) -> float:
+        synchronize(trainer)
+        return self.before + (time.perf_counter() - self.segment_start)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed": self.before if self.segment_start is None else self.before + time.perf_counter() - self.segment_start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = state["elapsed"]
+
+
+class RunRecords(pl.Callback):
+    """Per-epoch rows (metrics.csv) and per-log-interval rows (steps.csv), written by rank 0."""
+
+    def __init__(self, out_dir: Path, clock: TrainClock, global_batch: int, steps_per_epoch: int,
+                 log_every_steps: int, target_top1: float):
+        self.out_dir = out_dir
+        self.clock = clock
+        self.global_batch = global_batch
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every_steps = log_every_steps
+        self.target_top1 = target_top1
+        self.epochs: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+        self._mark = None  # (wall_s, step) at the start of the current measured stretch
+        self._epoch_mark = None
+
+    # measured stretches start after a synchronisation, and only at batch boundaries
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_mark = self._mark = (self.clock.elapsed(trainer), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.log_every_steps or not trainer.is_global_zero:
+            return
+        wall = self.clock.elapsed(trainer)
+        last_wall, last_step = self._mark
+        self._mark = (wall, step)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.append({
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "wall_s": round(wall, 3),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train_loss": round(float(loss), 5),
+            "images_per_s": round((step - last_step) * self.global_batch / max(wall - last_wall, 1e-9), 1),
+        })
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        wall = self.clock.elapsed(trainer)
+        start_wall, start_step = self._epoch_mark
+        self._epoch_images_per_s = (trainer.global_step - start_step) * self.global_batch / max(wall - start_wall, 1e-9)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        train_loss = pl_module.take_mean_train_loss()  # a collective: every rank calls it
+        metrics = trainer.callback_metrics
+        row = {
+            "epoch": trainer.current_epoch + 1,
+            "step": trainer.global_step,
+            "wall_s": round(self.clock.elapsed(trainer), 3),
+            "train_loss": round(train_loss, 5),
+            "val_top1": round(float(metrics["val_top1"]), 6),
+            "val_top5": round(float(metrics["val_top5"]), 6),
+            "images_per_s": round(self._epoch_images_per_s, 1),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
+        self.write(trainer)
+
+    def write(self, trainer) -> None:
+        if trainer.is_global_zero:
+            write_csv(self.out_dir / "metrics.csv", EPOCH_FIELDS, self.epochs)
+            write_csv(self.out_dir / "steps.csv", STEP_FIELDS, self.steps)
+
+    def time_to_target(self) -> tuple[float | None, float | None]:
+        """(seconds, epochs) at the first validation that reached the target top-1."""
+        for row in self.epochs:
+            if row["val_top1"] >= self.target_top1:
+                return row["wall_s"], row["epoch"]
+        return None, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run forgets rows logged after its checkpoint (they will be logged again), and
+        # measures from here: a mid-epoch resume gets no on_train_epoch_start.
+        self.steps = [r for r in self.steps if r["step"] <= trainer.global_step]
+        self.epochs = [r for r in self.epochs if r["step"] <= trainer.global_step]
+        self.write(trainer)
+        self._epoch_mark = self._mark = (self.clock.elapsed(trainer), trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs, self.steps = state["epochs"], state["steps"]
+
+
+class PlainProgress(pl.Callback):
+    """``epoch 3/16 step 120/256 loss 1.234 lr 0.512 1234 img/s ETA 1m20s`` every few steps, for
+    job logs (a terminal gets Lightning's live bar instead)."""
+
+    def __init__(self, clock: TrainClock, total_steps: int, steps_per_epoch: int, epochs: float, global_batch: int,
+                 every_steps: int, stream=None):
+        self.clock, self.total_steps, self.steps_per_epoch = clock, total_steps, steps_per_epoch
+        self.epochs, self.global_batch, self.every_steps = epochs, global_batch, every_steps
+        self.stream = stream or sys.stdout
+        self._mark = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._mark = (self.clock.elapsed(trainer), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_steps or not trainer.is_global_zero:
+            return
+        wall = self.clock.elapsed(trainer)
+        rate = (step - self._mark[1]) * self.global_batch / max(wall - self._mark[0], 1e-9)
+        self._mark = (wall, step)
+        steps_per_s = rate / self.global_batch
+        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        print(f"epoch {trainer.current_epoch + 1}/{math.ceil(self.epochs)} step {step}/{self.total_steps} "
+              f"loss {float(loss):.4f} lr {trainer.optimizers[0].param_groups[0]['lr']:.4g} "
+              f"{rate:.0f} img/s ETA {format_duration(eta) if math.isfinite(eta) else '?'}",
+              file=self.stream, flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        print(f"epoch {trainer.current_epoch + 1} val top-1 {float(metrics['val_top1']):.4f} "
+              f"top-5 {float(metrics['val_top5']):.4f} at {format_duration(self.clock.elapsed(trainer))}",
+              file=self.stream, flush=True)
+
+
+class ResumeCheckpoints(pl.callbacks.Checkpoint):
+    """Resume checkpoints at batch boundaries: every ``every_steps`` steps, at the end of each epoch
+    (after validation), and when a stop is requested. A checkpoint is written to a temporary name
+    and renamed, so a job killed mid-write leaves the previous one intact.
+
+    Every ``check_every`` steps the ranks agree (one all-reduce) on whether a stop was requested on
+    any of them and whether any saw a non-finite loss; both decisions are taken by all at once.
+    """
+
+    def __init__(self, path: Path, every_steps: int, check_every: int, steps_per_epoch: int, stop: StopRequest,
+                 scaler_watch: bool = False):
+        self.path = path
+        self.every_steps = every_steps
+        self.check_every = check_every
+        self.steps_per_epoch = steps_per_epoch
+        self.stop = stop
+        self.scaler_watch = scaler_watch
+        self._stop_at_epoch_end = False
+        self._last_scale = None
+
+    def save(self, trainer: pl.Trainer) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("resume-checkpoint")
+
+    def _agree(self, trainer, pl_module) -> tuple[bool, int]:
+        flags = torch.stack([
+            torch.tensor(int(self.stop.requested), device=pl_module.device),
+            pl_module.first_nonfinite_step.to(torch.long),
+        ])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, nonfinite_step = (int(v) for v in flags.tolist())
+        return bool(stop), nonfinite_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        periodic = step % self.every_steps == 0
+        if step % self.check_every and not periodic:
+            return
+        stop, nonfinite_step = self._agree(trainer, pl_module)
+        if nonfinite_step >= 0:
+            raise NonFiniteLoss(f"loss became NaN or infinite at step {nonfinite_step}; stopping (the last resume "
+                                f"checkpoint, if any, is {self.path})")
+        self._watch_scaler(trainer)
+        last_of_epoch = step % self.steps_per_epoch == 0
+        if last_of_epoch:  # the epoch-end checkpoint follows validation
+            self._stop_at_epoch_end = stop
+            return
+        if periodic or stop:
+            self.save(trainer)
+        if stop:
+            raise Preempted(f"stopped at step {step} ({self.stop.reason}); checkpoint {self.path}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.save(trainer)
+        stop, _ = self._agree(trainer, pl_module)
+        if stop or self._stop_at_epoch_end:
+            raise Preempted(f"stopped at the end of epoch {trainer.current_epoch + 1} ({self.stop.reason}); "
+                            f"checkpoint {self.path}")
+
+    def _watch_scaler(self, trainer) -> None:
+        """fp16: a falling loss scale means the scaler skipped steps on inf/NaN gradients; say so."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if not self.scaler_watch or scaler is None or not trainer.is_global_zero:
+            return
+        scale = scaler.get_scale()
+        if self._last_scale is not None and scale < self._last_scale:
+            skipped = round(math.log2(self._last_scale / scale))
+            print(f"fp16 loss scale fell from {self._last_scale:g} to {scale:g} by step {trainer.global_step}: "
+                  f"at least {skipped} optimizer step(s) skipped on inf/NaN gradients", flush=True)
+        self._last_scale = scale

@@ -1,0 +1,66 @@
+"""Shards → Lightning: a fresh train loader each epoch, seeded by the epoch and resumed mid-epoch
+where the restored global step says training stopped."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from ..config import RunConfig
+from ..data.loader import TrainStreamSpec, ValSpec, train_loader, val_loader
+
+
+def epoch_position(global_step: int, epoch: int, steps_per_epoch: int, total_steps: int) -> tuple[int, int]:
+    """(batches in this epoch, batches of it already trained). Every epoch but a fractional last one
+    has ``steps_per_epoch`` batches; after a resume the restored global step tells how far it got."""
+    start_of_epoch = epoch * steps_per_epoch
+    steps = max(0, min(steps_per_epoch, total_steps - start_of_epoch))
+    done = min(max(global_step - start_of_epoch, 0), steps)
+    return steps, done
+
+
+class ShardData(pl.LightningDataModule):
+    def __init__(self, run: RunConfig, train_shards: tuple[str, ...], val_shards: tuple[str, ...],
+                 val_shard_samples: tuple[int, ...], steps_per_epoch: int, total_steps: int, val_batch_size: int):
+        super().__init__()
+        self.run = run
+        self.train_shards, self.val_shards, self.val_shard_samples = train_shards, val_shards, val_shard_samples
+        self.steps_per_epoch, self.total_steps, self.val_batch_size = steps_per_epoch, total_steps, val_batch_size
+
+    @property
+    def _pin_memory(self) -> bool:
+        return self.trainer.strategy.root_device.type == "cuda"
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        steps, done = epoch_position(trainer.global_step, trainer.current_epoch, self.steps_per_epoch, self.total_steps)
+        run = self.run
+        spec = TrainStreamSpec(
+            shards=self.train_shards,
+            seed=run.seed,
+            epoch=trainer.current_epoch,
+            rank=trainer.global_rank,
+            steps=steps,
+            batch_size=run.per_device_batch,
+            image_size=run.image_size,
+            crop_scale=run.crop_scale,
+            shuffle_buffer=run.shuffle_buffer,
+            workers=max(run.loader_workers, 1),
+            start_batch=done,
+            decode_on_device=run.decode_device == "cuda",
+        )
+        return train_loader(spec, run.loader_workers, pin_memory=self._pin_memory)
+
+    def val_dataloader(self):
+        trainer = self.trainer
+        spec = ValSpec(
+            shards=self.val_shards,
+            shard_samples=self.val_shard_samples,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            batch_size=self.val_batch_size,
+            image_size=self.run.image_size,
+            resize=self.run.eval_resize,
+            workers=self.run.loader_workers,
+            decode_on_device=self.run.decode_device == "cuda",
+        )
+        return val_loader(spec, pin_memory=self._pin_memory)

@@ -1,0 +1,216 @@
+"""Submitting training to submitit (local processes or SLURM) and surviving time limits.
+
+The only module that knows about submitit and SLURM. The job is a callable object whose
+``checkpoint()`` returns a resubmission of itself (submitit's protocol). Submitit owns requeueing;
+Lightning's own SLURM requeue is off (``SLURMEnvironment(auto_requeue=False)``).
+
+On the USR2 signal submitit's handler would checkpoint and requeue immediately, mid-step. Instead
+the job notes the request, the training loop checkpoints at the next agreed batch boundary (all
+ranks together), and only then rank 0 hands over to submitit's handler, which calls
+``checkpoint()`` and requeues the job; the requeued job resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+import torch
+from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
+
+from ..config import ConfigError, LauncherConfig, RunConfig
+from ..data.shards import verify_manifest
+from .callbacks import Preempted, StopRequest
+from .recipe import TrainSpec, steps_per_epoch, train
+
+
+class JobFailed(RuntimeError):
+    """The submitted job failed; the message says why and where its logs are."""
+
+
+def lightning_environment(job_env: submitit.JobEnvironment | None = None):
+    """The cluster environment Lightning should take ranks from in this submitit job."""
+    from lightning_fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    job_env = job_env or submitit.JobEnvironment()
+    if job_env.cluster == "slurm":
+        return SLURMEnvironment(auto_requeue=False)
+    # Local processes: export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK as torchrun would.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return LightningEnvironment()
+
+
+class TrainJob:
+    """Submitit's callable: trains ``spec`` in every task of the job."""
+
+    def __init__(self, spec: TrainSpec):
+        self.spec = spec
+
+    def __call__(self) -> dict[str, Any] | None:
+        job_env = submitit.JobEnvironment()
+        stop = StopRequest()
+        usr_signal = job_env._usr_sig()
+        submitit_handler = signal.getsignal(usr_signal)
+        signal.signal(usr_signal, lambda signum, frame: stop.request(f"signal {signal.Signals(signum).name}"))
+        try:
+            return train(self.spec, lightning_environment(job_env), stop)
+        except Preempted as preempted:
+            print(f"{preempted}; requeueing", flush=True)
+            if job_env.global_rank == 0 and callable(submitit_handler):
+                submitit_handler(usr_signal, None)  # calls checkpoint(), requeues, exits
+            sys.exit(-1)
+
+    def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
+        # State lives in the resume checkpoint on disk, so resubmitting the same job resumes it.
+        return DelayedSubmission(TrainJob(self.spec))
+
+
+# --------------------------------------------------------------------------- submitting side
+
+
+def private_dir(path: Path) -> Path:
+    """A folder only the user can enter: submitit runs the pickles it finds there."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def make_executor(launcher: LauncherConfig, nodes: int, tasks_per_node: int, folder: Path, job_name: str):
+    executor = submitit.AutoExecutor(folder=folder, cluster=launcher.cluster,
+                                     slurm_max_num_timeout=launcher.max_num_timeout,
+                                     local_max_num_timeout=launcher.max_num_timeout)
+    parameters: dict[str, Any] = {
+        "name": job_name,
+        "timeout_min": launcher.timeout_min,
+        "nodes": nodes,
+        "tasks_per_node": tasks_per_node,
+        "cpus_per_task": launcher.cpus_per_task,
+    }
+    if launcher.gpus_per_node:
+        parameters["gpus_per_node"] = launcher.gpus_per_node
+    if launcher.mem_gb_per_node:
+        parameters["mem_gb"] = launcher.mem_gb_per_node
+    if launcher.cluster == "slurm":
+        parameters.update(
+            slurm_signal_delay_s=launcher.signal_delay_s,
+            slurm_additional_parameters=dict(launcher.slurm_extra),
+            slurm_setup=list(launcher.setup),
+        )
+        if launcher.slurm_partition:
+            parameters["slurm_partition"] = launcher.slurm_partition
+        if launcher.slurm_account:
+            parameters["slurm_account"] = launcher.slurm_account
+    else:
+        # submitit's AutoExecutor takes no signal delay for local jobs: they get USR2 30 s before the limit.
+        parameters.update(local_setup=list(launcher.setup))
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_manifest: Path, val_manifest: Path) -> None:
+    """Everything that can be known wrong before a job is queued."""
+    if launcher.cluster == "local" and run.nodes > 1:
+        raise ConfigError(f"nodes: {run.nodes}, but launcher.cluster is local (one machine); use the slurm profile")
+    if launcher.cluster == "local":
+        if run.accelerator == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("accelerator: gpu, but this machine has no CUDA device")
+        if run.precision == "16-mixed" and not torch.cuda.is_available():
+            raise ConfigError("precision: 16-mixed needs a GPU, and this machine has none")
+    train_m, val_m = verify_manifest(train_manifest), verify_manifest(val_manifest)
+    if train_m["wnids"] != val_m["wnids"]:
+        raise ConfigError(f"{train_manifest} and {val_manifest} list different classes")
+    steps_per_epoch(train_m["samples"], run.batch_size)
+
+
+def set_aside_stale_checkpoint(spec: TrainSpec) -> None:
+    """A resume checkpoint made with other settings (or other shards) is moved aside, not reused."""
+    folder = spec.checkpoint.parent
+    fingerprint = {"run": spec.run, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
+    record = folder / "settings.json"
+    if spec.checkpoint.exists() and record.exists() and json.loads(record.read_text()) != fingerprint:
+        aside = folder.with_name(f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(folder, aside)
+        print(f"the run's settings or shards changed since {spec.checkpoint} was written: moved it to {aside}; "
+              "training starts afresh", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(fingerprint, sort_keys=True))
+
+
+def _sha(path: str) -> str:
+    from ..data.shards import sha256_file
+
+    return sha256_file(path)
+
+
+class LogFollower:
+    """Copies what the job's rank-0 task appends to its stdout into this process's log."""
+
+    def __init__(self, job):
+        self.job, self.offset = job, 0
+
+    def poll(self) -> None:
+        path = self.job.paths.stdout
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            text = f.read()
+        self.offset += len(text)
+        if text:
+            sys.stdout.write(text.decode(errors="replace"))
+            sys.stdout.flush()
+
+
+def wait(job, poll_s: float) -> Any:
+    """Wait for the job, following its log; raise :class:`JobFailed` with the reason and log paths."""
+    follower = LogFollower(job)
+    while not job.done(force_check=True):
+        follower.poll()
+        time.sleep(poll_s)
+    follower.poll()
+    try:
+        results = job.results()
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+        raise JobFailed(
+            f"job {job.job_id} ({job.state}) failed:\n{error}\n"
+            f"logs: {job.paths.stdout} and {job.paths.stderr}; rerunning the workflow resumes from the last "
+            f"checkpoint if one was written"
+        ) from None
+    return results[0]
+
+
+def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig):
+    set_aside_stale_checkpoint(spec)
+    folder = private_dir(Path(spec.out_dir) / "jobs")
+    executor = make_executor(launcher, run.nodes, run.devices_per_node, folder, f"flashnet-train-{spec.name}")
+    job = executor.submit(TrainJob(spec))
+    resume = " (resuming from its checkpoint)" if spec.checkpoint.exists() else ""
+    print(f"submitted {launcher.cluster} job {job.job_id} for run {spec.name}{resume}; "
+          f"{run.nodes} node(s) × {run.devices_per_node} device(s); logs in {job.paths.folder}", flush=True)
+    return job
+
+
+def train_from_cli(args: argparse.Namespace) -> None:
+    run = RunConfig.from_dict(args.run, args.name)
+    launcher = LauncherConfig.from_dict(args.launcher)
+    check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
+    spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
+                     str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
+    job = submit_training(spec, run, launcher)
+    try:
+        summary = wait(job, launcher.poll_s)
+    except JobFailed as error:
+        print(f"flashnet train: {error}", file=sys.stderr)
+        raise SystemExit(1)
+    top1 = summary["final_top1"]
+    reached = summary["time_to_target_s"]
+    print(f"run {spec.name}: top-1 {top1:.4f} after {summary['train_seconds']:.1f} s of training; target "
+          f"{summary['target_top1']} " + (f"reached at {reached:.1f} s" if reached is not None else "not reached"))

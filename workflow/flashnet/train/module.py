@@ -1,0 +1,114 @@
+"""The LightningModule: torchvision ResNet v1.5, label-smoothed cross-entropy, LARS or SGD with the
+warmup + polynomial schedule stepped every iteration, top-1/top-5 with torchmetrics.
+
+It trains the same way under any launcher: ranks, devices and precision come from the Trainer.
+Batches arrive as uint8 NHWC (or undecoded JPEGs with ``decode_device: cuda``) and are normalised
+here, on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torchvision
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..config import RunConfig
+from ..data.loader import decode_on_device, normalize
+from .lars import LARS, lars_param_groups
+from .schedule import WarmupPolySchedule
+
+IGNORED = -100  # label of val padding samples, which the accuracy metrics skip
+
+
+def build_model(run: RunConfig, num_classes: int) -> nn.Module:
+    """torchvision's ResNet (v1.5: stride 2 in the 3×3 convolution), optionally with the last BN
+    γ of each residual block zeroed so every block starts as the identity (Goyal et al. §5.1)."""
+    return torchvision.models.get_model(run.model, weights=None, num_classes=num_classes,
+                                        zero_init_residual=run.zero_init_residual)
+
+
+def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = lars_param_groups(model, run.weight_decay, exclude_bn_and_bias=run.lars_exclude_bn_bias)
+    if run.optimizer == "lars":
+        return LARS(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, eta=run.lars_eta,
+                    trust_clip=run.lars_trust_clip)
+    for group in groups:
+        group.pop("lars", None)
+    return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, foreach=True)
+
+
+class ImageNetClassifier(pl.LightningModule):
+    def __init__(self, run: dict[str, Any], num_classes: int, schedule: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.run_config = RunConfig.from_dict(run)
+        self.schedule = WarmupPolySchedule(**schedule)
+        self.model = build_model(self.run_config, num_classes)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.run_config.label_smoothing)
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORED)
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=IGNORED)
+        # Device-side bookkeeping, read only at log intervals so the step never waits on the host.
+        # Saved in resume checkpoints (not in model.pt), so an epoch's mean loss survives a requeue.
+        self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("first_nonfinite_step", torch.full((), -1, dtype=torch.long))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def _inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, dict):  # undecoded JPEGs: nvJPEG on this device
+            images, labels = decode_on_device(batch, self.run_config.image_size, self.device)
+        else:
+            images, labels = batch[0], batch[1]
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        return normalize(images, layout), labels
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = self._inputs(batch)
+        loss = self.criterion(self(images), labels)
+        detached = loss.detach()
+        finite = torch.isfinite(detached)
+        self.first_nonfinite_step.copy_(torch.where(
+            (~finite) & (self.first_nonfinite_step < 0),
+            torch.tensor(self.global_step, device=self.device), self.first_nonfinite_step,
+        ))
+        self.loss_sum += torch.where(finite, detached.double(), 0.0)
+        self.loss_count += 1
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        valid = batch["valid"] if isinstance(batch, dict) else batch[2]
+        images, labels = self._inputs(batch)
+        valid = valid.to(labels.device)
+        # Padding samples (there so every rank runs the same number of batches) are not counted.
+        labels = torch.where(valid, labels, IGNORED)
+        logits = self(images)
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_top1", self.val_top1.compute(), sync_dist=False)
+        self.log("val_top5", self.val_top5.compute(), sync_dist=False)
+        self.val_top1.reset()
+        self.val_top5.reset()
+
+    def take_mean_train_loss(self) -> float:
+        """Mean train loss since the last call, over all ranks (a collective: call on every rank)."""
+        totals = torch.stack([self.loss_sum, self.loss_count.double()])
+        totals = self.all_gather(totals).reshape(-1, 2).sum(0)
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.run_config, self.model)
+        peak = self.schedule.peak_lr
+        # LambdaLR scales each group's initial lr (= peak) by schedule(step) / peak.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step) / peak)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

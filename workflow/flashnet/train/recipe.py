@@ -1,0 +1,265 @@
+"""The training recipe, top to bottom: data, model, optimizer and schedule, resume, loop, outputs.
+
+Runs in every process of the job (one per device); ranks and the process group come from the
+cluster environment the launcher passes in. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchvision
+from pytorch_lightning.strategies import DDPStrategy
+
+from ..config import ConfigError, RunConfig
+from ..data.loader import shard_paths
+from ..data.shards import verify_manifest
+from .callbacks import PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
+from .datamodule import ShardData
+from .module import ImageNetClassifier
+from .schedule import schedule_for_run, total_steps
+
+MODEL_FORMAT = "flashnet-model/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """What a training job needs; pickled by submitit into the job folder."""
+
+    name: str
+    run: dict[str, Any]
+    train_manifest: str
+    val_manifest: str
+    out_dir: str
+    ddp_timeout_s: int = 600
+    cpus_per_task: int = 1
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.out_dir) / "checkpoints" / "last.ckpt"
+
+
+def resolve_accelerator(run: RunConfig) -> str:
+    """cpu or gpu, checking the precision the run asks for is one this device can do."""
+    accelerator = run.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("accelerator: gpu, but this node has no CUDA device")
+    if run.precision == "16-mixed" and accelerator == "cpu":
+        raise ConfigError("precision: 16-mixed needs a GPU; this job runs on CPU (use bf16-mixed or 32-true)")
+    if run.precision == "bf16-mixed" and accelerator == "gpu" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"precision: bf16-mixed is not supported by {torch.cuda.get_device_name()}")
+    if run.decode_device == "cuda" and accelerator != "gpu":
+        raise ConfigError("decode_device: cuda needs a GPU")
+    return accelerator
+
+
+def gradient_compression_hook(run: RunConfig, accelerator: str):
+    """Mixed-precision runs all-reduce their gradients in 16 bits on GPUs, halving the traffic, as
+    the records did; gloo on CPU keeps fp32."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if accelerator != "gpu":
+        return None
+    return {"bf16-mixed": default_hooks.bf16_compress_hook, "16-mixed": default_hooks.fp16_compress_hook}.get(run.precision)
+
+
+def allreduce_dtype(run: RunConfig, accelerator: str) -> str:
+    if gradient_compression_hook(run, accelerator) is None:
+        return "float32"
+    return "bfloat16" if run.precision == "bf16-mixed" else "float16"
+
+
+def steps_per_epoch(train_samples: int, batch_size: int) -> int:
+    """Whole global batches per pass over the train set (the remainder is dropped, so every rank
+    sees the same number of equal batches)."""
+    steps = train_samples // batch_size
+    if steps == 0:
+        raise ConfigError(f"batch_size {batch_size} exceeds the {train_samples} train samples")
+    return steps
+
+
+def train(spec: TrainSpec, cluster_environment, stop: StopRequest) -> dict[str, Any] | None:
+    run = RunConfig.from_dict(spec.run, spec.name)
+    out_dir = Path(spec.out_dir)
+    accelerator = resolve_accelerator(run)
+    if accelerator == "cpu":
+        torch.set_num_threads(spec.cpus_per_task)
+    pl.seed_everything(run.seed, workers=False, verbose=False)
+
+    # data: the manifests are the contract with the data stage
+    train_manifest = verify_manifest(spec.train_manifest)
+    val_manifest = verify_manifest(spec.val_manifest)
+    spe = steps_per_epoch(train_manifest["samples"], run.batch_size)
+    total = total_steps(run.epochs, spe)
+    data = ShardData(run, shard_paths(spec.train_manifest, train_manifest), shard_paths(spec.val_manifest, val_manifest),
+                     tuple(s["samples"] for s in val_manifest["shards"]), spe, total, run.per_device_batch)
+
+    # model, optimizer and schedule (configure_optimizers), on the device's preferred layout
+    schedule = schedule_for_run(run, spe)
+    module = ImageNetClassifier(run.to_dict(), train_manifest["classes"], dataclasses.asdict(schedule))
+    if accelerator == "gpu":
+        module.model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    if run.compile:
+        module.model.compile()
+
+    # loop, with its bookkeeping; resumes from the last checkpoint when there is one
+    clock = TrainClock()
+    records = RunRecords(out_dir, clock, run.batch_size, spe, run.log_every_steps, run.target_top1)
+    spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        clock,
+        records,
+        ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
+                          scaler_watch=run.precision == "16-mixed"),
+    ]
+    interactive = sys.stderr.isatty()
+    if not interactive:
+        callbacks.append(PlainProgress(clock, total, spe, run.epochs, run.batch_size, run.log_every_steps))
+    strategy = "auto"
+    if run.world_size > 1:
+        strategy = DDPStrategy(
+            cluster_environment=cluster_environment,
+            process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+            timeout=datetime.timedelta(seconds=spec.ddp_timeout_s),
+            ddp_comm_hook=gradient_compression_hook(run, accelerator),
+        )
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=run.devices_per_node,
+        num_nodes=run.nodes,
+        strategy=strategy,
+        plugins=[cluster_environment] if cluster_environment is not None and run.world_size == 1 else None,
+        precision=run.precision,
+        max_epochs=math.ceil(run.epochs),
+        max_steps=total,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=True,
+        enable_progress_bar=interactive,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        log_every_n_steps=run.log_every_steps,
+        default_root_dir=out_dir,
+    )
+    resume = spec.checkpoint if spec.checkpoint.exists() else None
+    if resume and trainer.is_global_zero:
+        print(f"resuming from {resume}", flush=True)
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
+
+    if not trainer.is_global_zero:
+        return None
+    summary = write_outputs(spec, run, trainer, module, records, clock, train_manifest, accelerator)
+    spec.checkpoint.unlink(missing_ok=True)  # finished: a rerun must train afresh, not resume
+    return summary
+
+
+def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: ImageNetClassifier,
+                  records: RunRecords, clock: TrainClock, train_manifest: dict, accelerator: str) -> dict[str, Any]:
+    out_dir = Path(spec.out_dir)
+    model = {
+        "format": MODEL_FORMAT,
+        "name": spec.name,
+        "model": run.model,
+        "num_classes": train_manifest["classes"],
+        "wnids": train_manifest["wnids"],
+        "image_size": run.image_size,
+        "eval_resize": run.eval_resize,
+        "run": run.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in module.model.state_dict().items()},
+    }
+    _atomic_torch_save(model, out_dir / "model.pt")
+    records.write(trainer)
+    last = records.epochs[-1]
+    seconds, epochs = records.time_to_target()
+    train_seconds = clock.elapsed(trainer)
+    images = trainer.global_step * run.batch_size
+    summary = {
+        "run": spec.name,
+        "config": run.to_dict(),
+        "world_size": trainer.world_size,
+        "nodes": run.nodes,
+        "devices_per_node": run.devices_per_node,
+        "accelerator": accelerator,
+        "device_name": device_name(accelerator),
+        "precision": run.precision,
+        "epochs": run.epochs,
+        "steps": trainer.global_step,
+        "steps_per_epoch": records.steps_per_epoch,
+        "final_top1": last["val_top1"],
+        "final_top5": last["val_top5"],
+        "target_top1": run.target_top1,
+        "time_to_target_s": seconds,
+        "epochs_to_target": epochs,
+        "train_seconds": round(train_seconds, 3),
+        "images_per_s": round(images / train_seconds, 2),
+        "images_per_s_per_device": round(images / train_seconds / trainer.world_size, 2),
+        "steady_images_per_s_per_device": steady_rate(records.epochs, trainer.world_size),
+        "gradient_allreduce_dtype": allreduce_dtype(run, accelerator),
+        "train_samples": train_manifest["samples"],
+        "versions": software_versions(),
+        "git_revision": git_revision(),
+        "finished": True,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = out_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, out_dir / "summary.json")
+    return summary
+
+
+def steady_rate(epochs: list[dict[str, Any]], world_size: int) -> float | None:
+    """Mean train images/s per device over epochs after the first (start-up and warm-up excluded)."""
+    later = [row["images_per_s"] for row in epochs[1:]]
+    return round(sum(later) / len(later) / world_size, 2) if later else None
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def device_name(accelerator: str) -> str:
+    if accelerator == "gpu":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def software_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pytorch_lightning": pl.__version__,
+        "cuda": torch.version.cuda or "",
+    }
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None

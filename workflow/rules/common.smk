@@ -1,0 +1,25 @@
+# Config validation and the helpers every rule uses; the logic lives in flashnet.pipeline.
+import json
+import os
+import re
+
+import flashnet.pipeline as pipeline
+
+config["runs"] = pipeline.expand_presets(config, workflow.basedir)
+# The conda environments (envs/*.yaml) install flashnet from here.
+os.environ.setdefault("FLASHNET_ROOT", workflow.basedir)
+validate(config, "../schemas/config.schema.yaml")
+
+RESULTS = config["results_dir"]
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+
+
+wildcard_constraints:
+    split="train|val",
+    part=r"\d+",
+    run="|".join(map(re.escape, config["runs"])) or "(?!)",
+
+
+def final_outputs():
+    return pipeline.final_outputs(config)

@@ -1,0 +1,31 @@
+# Evaluate each run's final checkpoint on the val shards, every sample exactly once.
+
+
+rule evaluate:
+    input:
+        model=f"{RESULTS}/runs/{{run}}/model.pt",
+        summary=f"{RESULTS}/runs/{{run}}/summary.json",
+        val=f"{RESULTS}/shards/val/manifest.json",
+    output:
+        f"{RESULTS}/runs/{{run}}/eval.json",
+    log:
+        f"{LOGS}/evaluate/{{run}}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate/{{run}}.tsv"
+    params:
+        run_dir=lambda wildcards, input: os.path.dirname(input.summary),
+        launcher=lambda wildcards, resources: pipeline.evaluate_launcher_json(
+            config, wildcards.run, resources, pipeline.executor_name(workflow)
+        ),
+        batch_size=config["evaluate"]["batch_size"],
+        devices=config["evaluate"]["devices"],
+        workers=config["evaluate"]["workers"],
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        mem_mb=1000,
+    localrule: True
+    shell:
+        "flashnet evaluate --run-dir {params.run_dir:q} --val-manifest {input.val:q} --launcher {params.launcher:q}"
+        " --batch-size {params.batch_size} --devices {params.devices} --workers {params.workers}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,32 @@
+# One training run per name in config["runs"]. The rule runs on the submitting host and hands the
+# run to submitit (local processes, or a SLURM job under the slurm profile), then waits for it.
+
+
+rule train:
+    input:
+        train=f"{RESULTS}/shards/train/manifest.json",
+        val=f"{RESULTS}/shards/val/manifest.json",
+    output:
+        summary=f"{RESULTS}/runs/{{run}}/summary.json",
+        metrics=f"{RESULTS}/runs/{{run}}/metrics.csv",
+        steps=f"{RESULTS}/runs/{{run}}/steps.csv",
+        model=f"{RESULTS}/runs/{{run}}/model.pt",
+    log:
+        f"{LOGS}/train/{{run}}.log",
+    benchmark:
+        f"{BENCHMARKS}/train/{{run}}.tsv"
+    params:
+        run=lambda wildcards: pipeline.run_json(config, wildcards.run),
+        launcher=lambda wildcards, resources: pipeline.train_launcher_json(
+            config, wildcards.run, resources, pipeline.executor_name(workflow)
+        ),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        mem_mb=1000,
+    localrule: True
+    shell:
+        "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
+        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"
