@@ -35,7 +35,7 @@ def _index(args) -> None:
 def _write_shards(args) -> None:
     from .data import shards
 
-    result = shards.write_part(args.index, args.part, args.parts, args.out, args.max_side, args.quality)
+    result = shards.write_part(args.index, args.part, args.parts, args.out, args.max_side, args.quality, args.check)
     records = result["shards"]
     print(f"part {args.part}/{args.parts}: {len(records)} shards, {sum(r['samples'] for r in records)} samples, "
           f"{sum(len(r['converted']) for r in records)} converted, {sum(len(r['rejected']) for r in records)} rejected")
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the job's record (parts/<part>.json)")
     p.add_argument("--max-side", type=int, default=None)
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--check", choices=["decode", "header"], default="decode",
+                   help="decode every image (default) or read headers and end markers only")
     p.set_defaults(func=_write_shards)
 
     p = commands.add_parser("manifest", help="verify all shards of a split and write its manifest")

@@ -65,6 +65,16 @@ def _from_dict(cls, values: dict[str, Any], where: str):
     return cls(**values)
 
 
+# The values the schema allows, checked again here for runs built outside Snakemake.
+CHOICES = {
+    "model": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "optimizer": ("lars", "sgd"),
+    "precision": ("bf16-mixed", "16-mixed", "32-true"),
+    "accelerator": ("auto", "cpu", "gpu"),
+    "decode_device": ("cpu", "cuda"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One training run, as in ``runs.<name>`` of the config (see the schema for each key)."""
@@ -125,6 +135,9 @@ class RunConfig:
 
     def check(self, name: str = "run") -> None:
         where = f"runs.{name}"
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{where}.{key}: unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
         if self.batch_size % self.world_size:
             raise ConfigError(
                 f"{where}.batch_size: {self.batch_size} does not divide by the world size "

@@ -146,10 +146,11 @@ def evaluate_from_cli(args: argparse.Namespace) -> None:
                     args.workers, launcher.cpus_per_task)
     folder = launch.private_dir(run_dir / "jobs")
     executor = launch.make_executor(launcher, 1, args.devices, folder, f"flashnet-eval-{record['name']}")
-    job = executor.submit(EvalJob(spec))
-    print(f"submitted {launcher.cluster} evaluation job {job.job_id}; logs in {job.paths.folder}", flush=True)
     try:
-        results = launch.wait(job, launcher.poll_s)
+        launch.refuse_if_running(folder)
+        job = executor.submit(EvalJob(spec))
+        print(f"submitted {launcher.cluster} evaluation job {job.job_id}; logs in {job.paths.folder}", flush=True)
+        results = launch.follow(job, folder, launcher.cluster, launcher.poll_s)
     except launch.JobFailed as error:
         print(f"flashnet evaluate: {error}")
         raise SystemExit(1)

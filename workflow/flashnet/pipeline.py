@@ -80,7 +80,7 @@ def data_dir_of(dataset_files: list[str]) -> str:
 
 def shard_options(config: dict[str, Any]) -> str:
     s = config["shards"]
-    options = [f"--quality={s['quality']}"]
+    options = [f"--quality={s['quality']}", f"--check={s['check']}"]
     if s["max_side"] is not None:
         options.append(f"--max-side={s['max_side']}")
     return " ".join(options)

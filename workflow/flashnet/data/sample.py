@@ -15,6 +15,7 @@ import gzip
 import io
 import math
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,15 @@ def _meta_mat(classes: list[SampleClass], train_counts: dict[str, int]) -> bytes
             synsets[i, 0][field] = value
     buffer = io.BytesIO()
     savemat(buffer, {"synsets": synsets})
-    return buffer.getvalue()
+    return _fixed_mat_header(buffer.getvalue())
+
+
+def _fixed_mat_header(mat: bytes) -> bytes:
+    """savemat stamps the current time into the file's 116-byte text header; a fixed text keeps
+    the devkit byte-identical from run to run (readers look only at the version bytes after it)."""
+    text = time.strftime("MATLAB 5.0 MAT-file Platform: posix, Created on: %a %b %d %H:%M:%S %Y",
+                         time.gmtime(ARCHIVE_MTIME))
+    return text.encode().ljust(116, b"\0") + mat[116:]
 
 
 def _devkit(classes: list[SampleClass], train_counts: dict[str, int], val: list[SampleImage]) -> bytes:

@@ -3,9 +3,10 @@
 The index fixes everything about the shards before any is written: a seeded global shuffle of the
 split (so every shard mixes classes) and ``samples_per_shard`` consecutive entries per shard. Each
 conversion job writes a contiguous range of shards; a shard appears under its final name only when
-complete (write to a temporary name, then rename), and each finished shard is appended to the
-job's journal, so a rerun skips what is done. The manifest step re-reads every shard and accounts
-for every input: written + rejected = found, and found = what the dataset's metadata promises.
+complete (write to a temporary name, then rename), and the job's journal records when a shard is
+begun and when it is finished, so a rerun skips exactly the shards whose newest journal line says
+they were finished with the same settings. The manifest step re-reads every shard and accounts for
+every input: written + rejected = found, and found = what the dataset's metadata promises.
 
 Samples: ``__key__`` = the source file's stem, ``jpg`` = its bytes (or an RGB JPEG re-encoding,
 listed under ``converted``), ``cls`` = the label as decimal text.
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import webdataset as wds
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from ..progress import progress
@@ -120,30 +121,81 @@ class Rejected(Exception):
     """An input file that cannot be used as an image; the message is the reason."""
 
 
-def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[bytes, str | None, bool]:
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_END = b"\xff\xd9"
+# Some encoders pad after the end-of-image marker; it must lie within the file's last bytes.
+_JPEG_END_WINDOW = 1024
+# libjpeg-turbo's name for a JPEG's colour space → (what the check decodes it to, why it is converted).
+_JPEG_COLOUR_SPACES = {
+    "YCbCr": ("RGB", None),
+    "RGB": ("RGB", None),
+    "Gray": ("GRAY", "greyscale JPEG converted to RGB"),
+    "CMYK": ("CMYK", "CMYK JPEG converted to RGB"),
+    "YCCK": ("CMYK", "CMYK JPEG converted to RGB"),
+}
+
+
+CHECKS = ("decode", "header")
+
+
+def prepare_image(data: bytes, max_side: int | None, quality: int, check: str = "decode",
+                  ) -> tuple[bytes, str | None, bool]:
     """Check one input file and return (jpeg bytes, conversion reason or None, resized?).
 
-    RGB JPEGs within ``max_side`` keep their bytes, after an entropy-decoding pass at 1/8 scale
-    (libjpeg's DCT scaling) that catches truncated and corrupt files at a fraction of a full
-    decode's cost. CMYK or greyscale JPEGs and other formats are decoded and re-encoded as RGB JPEG.
+    A JPEG is checked the way the loader decodes it: libjpeg-turbo through simplejpeg in strict
+    mode, which also fails on the "corrupt JPEG data" warnings that PIL lets pass (the loader would
+    crash on such a file mid-epoch). The check decodes every coefficient at 1/8 scale: libjpeg's DCT
+    scaling skips most of the inverse DCT, and the entropy decoding that finds truncated and corrupt
+    files is all done. RGB JPEGs within ``max_side`` keep their bytes; CMYK and greyscale JPEGs,
+    larger ones, and other formats (a PNG named .JPEG) are decoded by PIL and re-encoded as RGB JPEG.
     Raises :class:`Rejected` for what cannot be decoded.
+
+    ``check="header"`` reads only the JPEG header and looks for the end-of-image marker: it catches
+    empty, truncated and non-JPEG files at a tenth of the cost, but not corrupt compressed data,
+    which then fails the training job that reaches it.
     """
     if not data:
         raise Rejected("empty file (0 bytes)")
+    if not data.startswith(_JPEG_MAGIC):
+        return _reencode(data, max_side, quality, jpeg_conversion=None)
+    try:
+        height, width, colour_space, _ = simplejpeg.decode_jpeg_header(data)
+        if colour_space not in _JPEG_COLOUR_SPACES:
+            raise ValueError(f"JPEG in the {colour_space} colour space")
+        decode_as, conversion = _JPEG_COLOUR_SPACES[colour_space]
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            # The limit PIL enforces on the files it converts, for JPEGs kept as they are too.
+            raise ValueError(f"{width}×{height} pixels exceeds the decompression-bomb limit of "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels")
+        if check == "header":
+            if data.rfind(_JPEG_END, max(0, len(data) - _JPEG_END_WINDOW)) < 0:
+                raise ValueError("no end-of-image marker: truncated JPEG")
+        else:
+            # min_width/min_height ask for DCT scaling; min_factor picks 1/8 (simplejpeg scales only with both).
+            simplejpeg.decode_jpeg(data, colorspace=decode_as, min_width=1, min_height=1, min_factor=8, strict=True)
+    except ValueError as error:
+        raise Rejected(f"unreadable image: {error}") from None
+    too_big = max_side is not None and max(width, height) > max_side
+    if conversion is None and not too_big:
+        return data, None, False
+    return _reencode(data, max_side, quality, conversion)
+
+
+def _reencode(data: bytes, max_side: int | None, quality: int, jpeg_conversion: str | None):
+    """Decode with PIL (any format it reads), convert to RGB, shrink to ``max_side``, encode as JPEG."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            image_format, mode, size = image.format, image.mode, image.size
-            conversion = _conversion_needed(image_format, mode)
-            too_big = max_side is not None and max(size) > max_side
-            if conversion is None and not too_big:
-                image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-                image.load()
-                return data, None, False
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as error:
         raise Rejected(f"unreadable image: {error}") from None
+    if image.format == "JPEG":
+        conversion = jpeg_conversion
+    else:
+        conversion = f"{image.format or 'unknown'} file converted to an RGB JPEG"
+    too_big = max_side is not None and max(image.size) > max_side
     rgb = image.convert("RGB")
     if too_big:
         rgb.thumbnail((max_side, max_side), Image.LANCZOS)
@@ -152,93 +204,162 @@ def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[byte
     return buffer.getvalue(), conversion, too_big
 
 
-def _conversion_needed(image_format: str | None, mode: str) -> str | None:
-    if image_format != "JPEG":
-        return f"{image_format or 'unknown'} file converted to an RGB JPEG"
-    if mode == "CMYK":
-        return "CMYK JPEG converted to RGB"
-    if mode in ("L", "LA", "1", "I", "I;16"):
-        return "greyscale JPEG converted to RGB"
-    if mode != "RGB":
-        return f"{mode} JPEG converted to RGB"
-    return None
-
-
 class SampleReader:
-    """Reads sample bytes by (file, offset, size) from the files under ``data_dir``."""
+    """Reads sample bytes by (file, offset, size) from the files under ``data_dir``.
+
+    One file is kept open at a time: the official layout's samples all lie in one tar, while the
+    folder layouts have a file per sample, and keeping those open would run out of file
+    descriptors long before ImageNet's 1.28 million.
+    """
 
     def __init__(self, plan: ShardPlan):
         self._plan = plan
-        self._open: dict[int, Any] = {}
+        self._data_dir = str(plan.data_dir)  # os.path.join: pathlib costs more than the read itself
+        self._file_id: int | None = None
+        self._file: Any = None
 
     def read(self, position: int) -> bytes:
         index = self._plan.index
         file_id = index.file_ids[position]
-        if file_id not in self._open:
-            path = self._plan.data_dir / index.files[file_id]
+        if file_id != self._file_id:
+            self.close()
+            path = os.path.join(self._data_dir, index.files[file_id])
             try:
-                self._open[file_id] = open(path, "rb")
+                self._file = open(path, "rb")
             except OSError as error:
                 raise DataError(f"{path}: cannot be read ({error.strerror})") from None
-        f = self._open[file_id]
-        f.seek(index.offsets[position])
-        data = f.read(index.sizes[position])
+            self._file_id = file_id
+        self._file.seek(index.offsets[position])
+        data = self._file.read(index.sizes[position])
         if len(data) != index.sizes[position]:
             raise DataError(f"{index.sources[position]}: truncated input ({len(data)} of {index.sizes[position]} bytes)")
         return data
 
     def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
+        if self._file is not None:
+            self._file.close()
+        self._file_id, self._file = None, None
 
 
 # --------------------------------------------------------------------------- writing
 
 
+class ShardFile:
+    """A WebDataset shard being written: a plain tar whose members are ``<key>.cls`` then
+    ``<key>.jpg`` (WebDataset's TarWriter order) with the headers :mod:`tarfile` writes for them, so
+    the bytes are those of a tarfile-written shard. It is hashed as it is written, so the journal's
+    sha256 costs no second read of the shard (the manifest step still re-reads and checks it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb", buffering=1 << 20)  # a write call per MiB, not per member
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha256.update(data)
+        self.size += len(data)
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        for extension in sorted(fields):
+            data = fields[extension]
+            self._write(_member_header(f"{key}.{extension}", len(data)))
+            self._write(data)
+            self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
+
+    def finish(self) -> str:
+        """End the archive as tarfile does (two zero blocks, then zeros to a whole 10 KiB record),
+        make it durable, and return its sha256."""
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self.size % tarfile.RECORDSIZE))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._sha256.hexdigest()
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, SHARD_MTIME, 0o444, "", ""
+    return info
+
+
+# tarfile's header for a nameless, empty member: every field but the name, size and checksum.
+_HEADER_TEMPLATE = _tarinfo("", 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for this member, filled into a template (TarInfo.tobuf,
+    twice per sample, took a tenth of a conversion job's time in profiles; see
+    docs/benchmarks/shards.md). Names that tarfile gives a PAX extended header (non-ASCII, over
+    100 bytes) and sizes over 8 GiB go through tarfile itself."""
+    if not name.isascii() or len(name) > 100 or size >= 8 ** 11:
+        return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0:len(name)] = name.encode("ascii")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "  # the checksum is summed with its own field as spaces
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 def write_shard(plan: ShardPlan, shard: int, reader: SampleReader, out_dir: Path, max_side: int | None,
-                quality: int) -> dict[str, Any]:
+                quality: int, check: str = "decode") -> dict[str, Any]:
     """Write one shard atomically and return its journal record."""
     index = plan.index
     name = plan.shard_name(shard)
     final = out_dir / name
+    for leftover in out_dir.glob(f".{name}.tmp-*"):  # from a job killed while writing this shard
+        leftover.unlink(missing_ok=True)
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     converted, rejected, resized, samples = [], [], 0, 0
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, user="", group="", mtime=SHARD_MTIME, encoder=False) as writer:
-            for position in plan.shard_positions(shard):
-                source = index.sources[position]
-                try:
-                    data, conversion, was_resized = prepare_image(reader.read(position), max_side, quality)
-                except Rejected as reason:
-                    rejected.append({"source": source, "key": index.keys[position], "reason": str(reason)})
-                    continue
-                if conversion:
-                    converted.append({"source": source, "key": index.keys[position], "reason": conversion})
-                resized += was_resized
-                writer.write({"__key__": index.keys[position], "jpg": data,
-                              "cls": str(index.labels[position]).encode()})
-                samples += 1
-        f.flush()
-        os.fsync(f.fileno())
+    shard_file = ShardFile(tmp)
+    try:
+        for position in plan.shard_positions(shard):
+            source = index.sources[position]
+            try:
+                data, conversion, was_resized = prepare_image(reader.read(position), max_side, quality, check)
+            except Rejected as reason:
+                rejected.append({"source": source, "key": index.keys[position], "reason": str(reason)})
+                continue
+            if conversion:
+                converted.append({"source": source, "key": index.keys[position], "reason": conversion})
+            resized += was_resized
+            shard_file.add(index.keys[position], {"jpg": data, "cls": str(index.labels[position]).encode()})
+            samples += 1
+        digest = shard_file.finish()
+    except BaseException:
+        shard_file.discard()
+        raise
     os.replace(tmp, final)
-    return {"name": name, "samples": samples, "bytes": final.stat().st_size, "sha256": sha256_file(final),
+    return {"name": name, "samples": samples, "bytes": shard_file.size, "sha256": digest,
             "converted": converted, "rejected": rejected, "resized": resized}
 
 
 def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, max_side: int | None,
-               quality: int) -> dict[str, Any]:
+               quality: int, check: str = "decode") -> dict[str, Any]:
     """Write conversion job ``part``'s shards next to the index; skip the ones its journal shows done.
 
     The journal (``parts/<part>.journal.jsonl``) outlives a killed job (Snakemake deletes only
-    declared outputs), so a rerun redoes only what is missing.
+    declared outputs), so a rerun redoes only what is missing. Before a shard is (re)written the
+    journal says so; from then on only a newer "finished" line describes that file, so neither a
+    kill between the rename and the journal line nor a switch of settings and back can make a
+    rerun keep a shard written with other settings.
     """
     plan = load_plan(index_path)
     out = Path(out)
     shard_dir = Path(index_path).parent
     journal_path = out.with_name(f"{out.stem}.journal.jsonl")
-    settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality}
-    done = {record["name"]: record for record in _read_journal(journal_path) if record.get("settings") == settings}
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check}
+    done = _finished_shards(journal_path, settings)
     records = []
     reader = SampleReader(plan)
     try:
@@ -247,7 +368,8 @@ def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, m
             name = plan.shard_name(shard)
             record = done.get(name)
             if record is None or not _is_complete(shard_dir / name, record):
-                record = write_shard(plan, shard, reader, shard_dir, max_side, quality)
+                _append_journal(journal_path, {"name": name, "writing": True})
+                record = write_shard(plan, shard, reader, shard_dir, max_side, quality, check)
                 record["settings"] = settings
                 _append_journal(journal_path, record)
             records.append(record)
@@ -262,15 +384,31 @@ def _is_complete(path: Path, record: dict[str, Any]) -> bool:
     return path.exists() and path.stat().st_size == record["bytes"]
 
 
+def _finished_shards(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The journal's records of shards finished with ``settings`` and not begun again since: the
+    newest line about a shard is the only one that describes its file."""
+    newest = {}
+    for record in _read_journal(path):
+        newest[record["name"]] = record
+    return {name: record for name, record in newest.items() if record.get("settings") == settings}
+
+
 def _read_journal(path: Path) -> list[dict[str, Any]]:
+    """The journal's records. A kill can cut short only the last line; it is cut off the file as
+    well, or the next record would be glued onto it and lost to every later rerun."""
     if not path.exists():
         return []
+    raw = path.read_bytes()
+    whole = raw[: raw.rfind(b"\n") + 1]
+    if len(whole) < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
     records = []
-    for line in path.read_text().splitlines():
+    for line in whole.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a line cut short by a kill: everything after it is redone
+            continue  # damaged on disk: the "writing" line before any record it held still counts
     return records
 
 

@@ -134,6 +134,11 @@ def index_split(data_dir: str | Path, split: str) -> SplitIndex:
 
 def _build_index(split, layout, wnids, samples, expected) -> SplitIndex:
     samples = sorted(samples, key=lambda s: s.key)
+    for s in samples:
+        if "." in s.key:
+            # WebDataset takes everything after a sample's first dot for the field name.
+            raise DataError(f"{s.source}: its key {s.key!r} (the name without its extension) holds a '.', "
+                            f"which WebDataset would split the key at; rename the file")
     for a, b in zip(samples, samples[1:]):
         if a.key == b.key:
             raise DataError(f"{b.source}: duplicate sample key {b.key!r} (also {a.source})")
@@ -206,8 +211,10 @@ def _tar_members(f, tar_path: str, size: int):
     """Yield the regular-file members of the tar in ``f`` (offsets relative to ``f``'s start)."""
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
+            last = None
             for member in tar:
                 name = _safe_member_name(tar_path, member.name)
+                last = name
                 if member.isdir():
                     continue
                 if not member.isfile():
@@ -218,8 +225,21 @@ def _tar_members(f, tar_path: str, size: int):
                         f"bytes, the archive has {size}"
                     )
                 yield member
+            _check_end_of_archive(f, tar_path, tar.offset, last)
     except tarfile.TarError as error:
         raise DataError(f"{tar_path}: unreadable or truncated tar ({error})") from None
+
+
+def _check_end_of_archive(f, tar_path: str, offset: int, last: str | None) -> None:
+    """tarfile ends its listing quietly at a missing or unreadable header after the first one, so a
+    tar cut at a member boundary, or damaged there, would pass for a shorter complete archive:
+    demand the zero block that ends every tar where the listing ended."""
+    f.seek(offset)
+    block = f.read(512)
+    if len(block) < 512:
+        raise DataError(f"{tar_path}: truncated: it ends after member {last!r} without the end-of-archive block")
+    if block != bytes(512):
+        raise DataError(f"{tar_path}: unreadable tar header at byte {offset} (after member {last!r})")
 
 
 def read_devkit(devkit_path: Path) -> tuple[dict[int, str], dict[str, int], list[int]]:
@@ -265,7 +285,7 @@ def _official(data_dir: Path, split: str):
 
 def _official_train(data_dir: Path, wnids: set[str], train_counts: dict[str, int]) -> list[_Sample]:
     path = data_dir / OFFICIAL_TRAIN
-    samples = []
+    samples, seen = [], set()
     with _open_for_reading(path) as f:
         size = os.fstat(f.fileno()).st_size
         for outer in list(_tar_members(f, OFFICIAL_TRAIN, size)):
@@ -273,6 +293,7 @@ def _official_train(data_dir: Path, wnids: set[str], train_counts: dict[str, int
             where = f"{OFFICIAL_TRAIN}/{outer.name}"
             if not outer.name.endswith(".tar") or wnid not in wnids:
                 raise DataError(f"{where}: not a <wnid>.tar of a class in the devkit's synsets")
+            seen.add(wnid)
             window = _Window(f, outer.offset_data, outer.size)
             found = 0
             for inner in _tar_members(window, where, outer.size):
@@ -293,6 +314,13 @@ def _official_train(data_dir: Path, wnids: set[str], train_counts: dict[str, int
                     f"{where}: holds {found} images but the devkit's num_train_images for {wnid} is "
                     f"{train_counts[wnid]}"
                 )
+    missing = sorted(set(train_counts) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        raise DataError(
+            f"{path}: has no <wnid>.tar for {len(missing)} of the devkit's classes ({shown}), which should hold "
+            f"{sum(train_counts[w] for w in missing)} images"
+        )
     return samples
 
 
@@ -393,6 +421,8 @@ def _kaggle_val_labels(data_dir: Path, wnids: set[str]) -> dict[str, str]:
             if len(row) != 2 or not row[1].split():
                 raise DataError(f"{path}:{number}: expected ImageId,PredictionString")
             wnid = row[1].split()[0]
+            if row[0] in labels:
+                raise DataError(f"{path}:{number}: {row[0]} is listed a second time")
             if wnid not in wnids:
                 raise DataError(f"{path}:{number}: {row[0]} is labelled with the unknown WNID {wnid}")
             labels[row[0]] = wnid

@@ -8,6 +8,11 @@ On the USR2 signal submitit's handler would checkpoint and requeue immediately, 
 the job notes the request, the training loop checkpoints at the next agreed batch boundary (all
 ranks together), and only then rank 0 hands over to submitit's handler, which calls
 ``checkpoint()`` and requeues the job; the requeued job resumes from that checkpoint.
+
+The waiting side follows a SLURM job by SLURM's own state, through requeues (submitit's, an
+``scontrol requeue``, a preemption), until it has ended for good. A node failure is the exception:
+the job is cancelled and the rule fails, and a rerun resumes from the last checkpoint
+(:func:`slurm_job_finished` says why).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,27 +175,164 @@ class LogFollower:
             sys.stdout.flush()
 
 
+# The controller's job states after which a SLURM job runs no more. A requeued job (submitit's own
+# requeue, `scontrol requeue`, a preemption or a node failure) goes back to PENDING instead.
+SLURM_FINAL_STATES = frozenset({
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+    "REVOKED", "TIMEOUT",
+})
+
+
+def _slurm(*command: str) -> subprocess.CompletedProcess:
+    """Run a SLURM client command; a failure or time-out (a busy controller) reads as no answer."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return subprocess.CompletedProcess(command, 1, "", str(error))
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """The job's state as slurmctld sees it now (sacct lags it by seconds); None once the controller
+    has forgotten the job (MinJobAge after its end)."""
+    proc = _slurm("scontrol", "show", "job", "-o", job_id)
+    if proc.returncode != 0:
+        return None
+    for word in proc.stdout.split():
+        key, _, value = word.partition("=")
+        if key == "JobState":
+            return value
+    return None
+
+
+def slurm_attempts(job_id: str) -> list[dict[str, str]]:
+    """Every run of the job so far, oldest first (sacct -D: a requeued job keeps one record per
+    run): [{"State": ..., "NodeList": ...}, ...]."""
+    proc = _slurm("sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "JobID,State,NodeList")
+    rows = []
+    for line in proc.stdout.splitlines():
+        job, _, rest = line.partition("|")
+        state, _, nodes = rest.partition("|")
+        if job == job_id:
+            rows.append({"State": state.split()[0] if state else "UNKNOWN", "NodeList": nodes})
+    return rows
+
+
+def slurm_node_states(node_list: str) -> str:
+    """``flashnet-n1 idle, flashnet-n2 down*`` for the nodes of a node list (best effort)."""
+    proc = _slurm("sinfo", "-h", "-N", "-n", node_list, "-o", "%N %t")
+    return ", ".join(line.strip() for line in proc.stdout.splitlines() if line.strip()) or "unknown"
+
+
+def _job_logs(job) -> str:
+    return f"logs: {job.paths.stdout} and {job.paths.stderr}"
+
+
+def slurm_job_finished(job) -> bool:
+    """Whether the SLURM job has ended for good. Raises :class:`JobFailed` after cancelling it if it
+    lost a node.
+
+    Only SLURM's state counts: submitit's result files can be left by an earlier run of a requeued
+    job (a rank that failed as the requeue killed it), so they do not mean the job is over.
+
+    After a node failure SLURM requeues the job (JobRequeue), and a multi-node job then waits until
+    enough nodes are up again, perhaps for ever, with nothing in the workflow waiting for it. The job
+    is cancelled instead and the rule fails; rerunning the workflow (or Snakemake's --retries)
+    submits it afresh, and it resumes from its last checkpoint.
+    """
+    attempts = slurm_attempts(job.job_id)
+    lost = [attempt for attempt in attempts if attempt["State"] == "NODE_FAIL"]
+    if lost:
+        nodes = lost[-1]["NodeList"]
+        job.cancel(check=False)
+        raise JobFailed(
+            f"job {job.job_id} lost a node (NODE_FAIL; its nodes {nodes} are now: {slurm_node_states(nodes)}). "
+            f"SLURM requeues such a job and it would wait until enough nodes are back, so it was cancelled.\n"
+            f"{_job_logs(job)}; rerunning the workflow resumes from the last checkpoint if one was written"
+        )
+    state = slurm_job_state(job.job_id)
+    if state is None:  # the controller has forgotten it: accounting has the last word
+        state = attempts[-1]["State"] if attempts else "UNKNOWN"
+    return state in SLURM_FINAL_STATES
+
+
+def job_finished(job) -> bool:
+    if isinstance(job, submitit.SlurmJob):
+        return slurm_job_finished(job)
+    return job.done(force_check=True)
+
+
 def wait(job, poll_s: float) -> Any:
     """Wait for the job, following its log; raise :class:`JobFailed` with the reason and log paths."""
     follower = LogFollower(job)
-    while not job.done(force_check=True):
+    while not job_finished(job):
         follower.poll()
         time.sleep(poll_s)
     follower.poll()
     try:
         results = job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+        state = (slurm_job_state(job.job_id) if isinstance(job, submitit.SlurmJob) else None) or job.state
         raise JobFailed(
-            f"job {job.job_id} ({job.state}) failed:\n{error}\n"
-            f"logs: {job.paths.stdout} and {job.paths.stderr}; rerunning the workflow resumes from the last "
+            f"job {job.job_id} ({state}) failed:\n{error}\n"
+            f"{_job_logs(job)}; rerunning the workflow resumes from the last "
             f"checkpoint if one was written"
         ) from None
     return results[0]
 
 
+ACTIVE_JOB = "active.json"
+
+
+def job_still_running(record: dict[str, str]) -> bool:
+    """Whether a job recorded in ``jobs/active.json`` by an earlier, killed waiter still runs."""
+    if record.get("cluster") == "slurm":
+        state = slurm_job_state(record["job_id"])
+        return state is not None and state not in SLURM_FINAL_STATES
+    try:  # local: the job id is the pid of submitit's controller process
+        cmdline = Path(f"/proc/{int(record['job_id'])}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"submitit.local" in cmdline
+
+
+def refuse_if_running(folder: Path) -> None:
+    """One job per run: a second one would write into the same checkpoint folder."""
+    path = folder / ACTIVE_JOB
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    if job_still_running(record):
+        stop = f"scancel {record['job_id']}" if record["cluster"] == "slurm" else f"kill {record['job_id']}"
+        raise JobFailed(f"{record['cluster']} job {record['job_id']} of this run is still running (its waiting "
+                        f"process was killed); wait for it to end or stop it ({stop}), then rerun")
+    path.unlink()
+
+
+def follow(job, folder: Path, cluster: str, poll_s: float) -> Any:
+    """:func:`wait` for ``job``, recorded in ``folder`` while it runs; if this process is told to stop
+    (Ctrl-C, a SIGTERM), the job is cancelled rather than left running with nobody waiting for it."""
+    record = folder / ACTIVE_JOB
+    record.write_text(json.dumps({"cluster": cluster, "job_id": str(job.job_id)}))
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return wait(job, poll_s)
+    except KeyboardInterrupt as why:
+        job.cancel(check=False)
+        raise JobFailed(f"interrupted ({why or 'SIGINT'}): cancelled job {job.job_id}; rerunning resumes from the "
+                        f"last checkpoint if one was written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        record.unlink(missing_ok=True)
+
+
 def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig):
-    set_aside_stale_checkpoint(spec)
     folder = private_dir(Path(spec.out_dir) / "jobs")
+    refuse_if_running(folder)
+    set_aside_stale_checkpoint(spec)
     executor = make_executor(launcher, run.nodes, run.devices_per_node, folder, f"flashnet-train-{spec.name}")
     job = executor.submit(TrainJob(spec))
     resume = " (resuming from its checkpoint)" if spec.checkpoint.exists() else ""
@@ -204,9 +347,9 @@ def train_from_cli(args: argparse.Namespace) -> None:
     check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
-    job = submit_training(spec, run, launcher)
     try:
-        summary = wait(job, launcher.poll_s)
+        job = submit_training(spec, run, launcher)
+        summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s)
     except JobFailed as error:
         print(f"flashnet train: {error}", file=sys.stderr)
         raise SystemExit(1)

@@ -58,6 +58,12 @@ class ImageNetClassifier(pl.LightningModule):
         self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("first_nonfinite_step", torch.full((), -1, dtype=torch.long))
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # Undecoded JPEGs stay in host memory, where nvJPEG reads them; decode_on_device moves the rest.
+        if isinstance(batch, dict):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -75,8 +81,7 @@ class ImageNetClassifier(pl.LightningModule):
         detached = loss.detach()
         finite = torch.isfinite(detached)
         self.first_nonfinite_step.copy_(torch.where(
-            (~finite) & (self.first_nonfinite_step < 0),
-            torch.tensor(self.global_step, device=self.device), self.first_nonfinite_step,
+            (~finite) & (self.first_nonfinite_step < 0), self.global_step, self.first_nonfinite_step,
         ))
         self.loss_sum += torch.where(finite, detached.double(), 0.0)
         self.loss_count += 1

@@ -14,8 +14,9 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -31,6 +32,13 @@ from .module import ImageNetClassifier
 from .schedule import schedule_for_run, total_steps
 
 MODEL_FORMAT = "flashnet-model/1"
+
+# Lightning cannot see that the train loader resumes by itself (from the restored global step) and
+# that each worker's share of an epoch is exact by construction; its warnings say otherwise.
+warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+# The module's transfer_batch_to_device (undecoded JPEGs stay on the host) is meant to win.
+warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,18 @@ def resolve_accelerator(run: RunConfig) -> str:
     return accelerator
 
 
+def prepare_for_device(model: torch.nn.Module, accelerator: str, compile_mode: str | None) -> None:
+    """GPU: channels_last weights (the layout Tensor Core convolutions want) and cuDNN's autotuner;
+    then ``torch.compile`` of the network (loss, bookkeeping and optimizer stay eager)."""
+    if accelerator == "gpu":
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    if compile_mode == "default":
+        model.compile()
+    elif compile_mode is not None:
+        model.compile(mode=compile_mode)
+
+
 def gradient_compression_hook(run: RunConfig, accelerator: str):
     """Mixed-precision runs all-reduce their gradients in 16 bits on GPUs, halving the traffic, as
     the records did; gloo on CPU keeps fp32."""
@@ -91,7 +111,9 @@ def steps_per_epoch(train_samples: int, batch_size: int) -> int:
     return steps
 
 
-def train(spec: TrainSpec, cluster_environment, stop: StopRequest) -> dict[str, Any] | None:
+def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
+          extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any] | None:
+    """Train (or resume) ``spec`` in this process; returns the summary on rank 0."""
     run = RunConfig.from_dict(spec.run, spec.name)
     out_dir = Path(spec.out_dir)
     accelerator = resolve_accelerator(run)
@@ -110,17 +132,14 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest) -> dict[str, 
     # model, optimizer and schedule (configure_optimizers), on the device's preferred layout
     schedule = schedule_for_run(run, spe)
     module = ImageNetClassifier(run.to_dict(), train_manifest["classes"], dataclasses.asdict(schedule))
-    if accelerator == "gpu":
-        module.model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    if run.compile:
-        module.model.compile()
+    prepare_for_device(module.model, accelerator, "default" if run.compile else None)
 
     # loop, with its bookkeeping; resumes from the last checkpoint when there is one
     clock = TrainClock()
     records = RunRecords(out_dir, clock, run.batch_size, spe, run.log_every_steps, run.target_top1)
     spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
+        *extra_callbacks,
         clock,
         records,
         ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,

@@ -1,0 +1,584 @@
+"""Shards from the index: the same bytes from every layout and every run, a seeded order that mixes
+classes, odd files converted and bad ones rejected (and counted), a manifest that accounts for every
+input, verification that notices damage, and conversion jobs that survive being killed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import simplejpeg
+from PIL import Image
+
+from flashnet.data import shards, sources
+from flashnet.data.sources import DataError
+
+LAYOUTS = ("official", "extracted", "kaggle")
+SHARD_COUNT = {"train": 4, "val": 2}  # 32 train and 12 val images, 8 per shard
+
+
+def source_images(sample_root: Path, split: str) -> dict[str, bytes]:
+    """key → the input file's bytes, from the extracted layout's folders."""
+    return {p.stem: p.read_bytes() for p in (sample_root / "extracted" / split).rglob("*.JPEG")}
+
+
+def without_sources(manifest: dict) -> dict:
+    """The manifest less what depends on the layout rather than on the images."""
+    kept = {k: v for k, v in manifest.items() if k not in ("layout", "expected")}
+    for listing in ("converted", "rejected"):
+        kept[listing] = [{k: v for k, v in item.items() if k != "source"} for item in manifest[listing]]
+    return kept
+
+
+def decoded(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+# --------------------------------------------------------------------------- same data, same shards
+
+
+def test_three_layouts_give_byte_identical_shards_and_the_same_manifest(sample_root, stage):
+    runs = {layout: stage(sample_root / layout, name=layout) for layout in LAYOUTS}
+    for split in sources.SPLITS:
+        manifests = {layout: run.run(split) for layout, run in runs.items()}
+        digests = {layout: run.digests(split) for layout, run in runs.items()}
+        assert len(digests["official"]) == SHARD_COUNT[split]
+        assert digests["extracted"] == digests["official"] == digests["kaggle"], split
+        assert without_sources(manifests["extracted"]) == without_sources(manifests["official"]) \
+            == without_sources(manifests["kaggle"]), split
+        assert {layout: m["layout"] for layout, m in manifests.items()} == {layout: layout for layout in LAYOUTS}
+        # Only the official devkit and the Kaggle val CSV promise counts; plain folders promise none.
+        assert [manifests[layout]["expected"] for layout in LAYOUTS] == \
+            ([32, None, None] if split == "train" else [12, None, 12])
+
+
+def test_same_inputs_and_seed_give_the_same_bytes(official_results, sample_root, stage):
+    again = stage(sample_root / "official")
+    for split in sources.SPLITS:
+        again.run(split)
+        assert again.digests(split) == official_results.digests(split)
+        assert again.manifest_path(split).read_bytes() == official_results.manifest_path(split).read_bytes()
+
+
+def test_another_seed_gives_another_order_of_the_same_samples(official_results, sample_root, stage):
+    other = stage(sample_root / "official", seed=1)
+    other.run("train")
+    ours = [key for key, _ in official_results.samples("train")]
+    theirs = [key for key, _ in other.samples("train")]
+    assert theirs != ours and sorted(theirs) == sorted(ours)
+    assert other.digests("train") != official_results.digests("train")
+
+
+def test_every_shard_mixes_classes(official_results):
+    for path in official_results.shard_paths("train"):
+        labels = [int(fields["cls"]) for _, fields in shards.read_shard_samples(path)]
+        assert len(labels) == 8 and len(set(labels)) >= 3, (path.name, labels)
+
+
+def test_samples_keep_their_bytes_key_and_label(official_results, sample_root):
+    source = source_images(sample_root, "train")
+    index = sources.index_split(sample_root / "official", "train")
+    label = dict(zip(index.keys, index.labels))
+    converted = {item["key"] for item in json.loads(official_results.manifest_path("train").read_text())["converted"]}
+    samples = dict(official_results.samples("train"))
+    assert sorted(samples) == sorted(source)
+    for key, fields in samples.items():
+        assert set(fields) == {"jpg", "cls"}
+        assert fields["cls"] == str(label[key]).encode()
+        assert (fields["jpg"] == source[key]) == (key not in converted), key
+
+
+def test_members_are_plain_reproducible_tar_entries(official_results):
+    with tarfile.open(official_results.shard_paths("val")[0]) as tar:
+        members = tar.getmembers()
+    assert [m.name.rsplit(".", 1)[1] for m in members] == ["cls", "jpg"] * 8
+    assert {(m.mtime, m.uname, m.gname, m.mode) for m in members} == {(0, "", "", 0o444)}
+
+
+def test_shards_are_the_bytes_tarfile_writes(official_results):
+    """The writer fills tarfile's own header into a template: the same samples written with
+    tarfile's stream writer, as WebDataset's TarWriter drives it, give the same bytes."""
+    path = official_results.shard_paths("train")[0]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|") as tar:
+        for key, fields in shards.read_shard_samples(path):
+            for extension in sorted(fields):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(fields[extension]), 0, 0o444, "", ""
+                tar.addfile(info, io.BytesIO(fields[extension]))
+    assert buffer.getvalue() == path.read_bytes()
+
+
+def test_long_and_non_ascii_keys_get_tarfiles_extended_headers(tmp_path):
+    keys = ["k" * 95, "k" * 120, "clé_ünïcode", "n01440764_10026"]
+    shard = shards.ShardFile(tmp_path / "odd.tar")
+    for key in keys:
+        shard.add(key, {"jpg": key.encode() * 3, "cls": b"7"})
+    shard.finish()
+    assert shard.size % tarfile.RECORDSIZE == 0 == (tmp_path / "odd.tar").stat().st_size - shard.size
+    assert [(key, fields) for key, fields in shards.read_shard_samples(tmp_path / "odd.tar")] == \
+        [(key, {"cls": b"7", "jpg": key.encode() * 3}) for key in keys]
+
+
+def test_gnu_tar_reads_the_shards(official_results):
+    listing = subprocess.run(["tar", "-tvf", str(official_results.shard_paths("val")[1])], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    assert len(listing) == 8  # 4 samples × (cls, jpg)
+    assert all(line.startswith("-r--r--r-- 0/0") and "1970-01-01 00:00" in line for line in listing)
+
+
+def test_reader_keeps_one_file_open_at_a_time(sample_root, tmp_path):
+    """The folder layouts have a file per sample (1.28 million for ImageNet): a reader that kept
+    them open would run out of file descriptors."""
+    index = sources.index_split(sample_root / "extracted", "train")
+    shards.save_index(index, sample_root / "extracted", 32, 0, tmp_path / "index.json")
+    reader = shards.SampleReader(shards.load_plan(tmp_path / "index.json"))
+    before = len(os.listdir("/proc/self/fd"))
+    peak = 0
+    for position in range(len(index)):
+        reader.read(position)
+        peak = max(peak, len(os.listdir("/proc/self/fd")) - before)
+    reader.close()
+    assert peak == 1 and len(os.listdir("/proc/self/fd")) == before
+
+
+def test_images_over_the_decompression_bomb_limit_are_rejected(sample_root, monkeypatch):
+    jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)
+    with pytest.raises(shards.Rejected, match="exceeds the decompression-bomb limit of 1599 pixels"):
+        shards.prepare_image(jpeg, None, 90)
+
+
+# --------------------------------------------------------------------------- the index file
+
+
+def test_index_file_round_trips_and_fixes_the_shards(official_results, sample_root):
+    plan = shards.load_plan(official_results.index_path("train"))
+    index = sources.index_split(sample_root / "official", "train")
+    assert plan.index.keys == shards.shuffled(index, 0).keys != index.keys
+    assert (plan.split, plan.seed, plan.samples_per_shard, plan.shard_count) == ("train", 0, 8, 4)
+    assert plan.data_dir == (sample_root / "official").resolve()
+    assert [plan.shard_positions(s) for s in range(4)] == [range(0, 8), range(8, 16), range(16, 24), range(24, 32)]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 5])
+def test_conversion_jobs_cover_every_shard_once_in_contiguous_ranges(official_results, parts):
+    plan = shards.load_plan(official_results.index_path("train"))
+    ranges = [plan.part_shards(part, parts) for part in range(parts)]
+    assert [s for r in ranges for s in r] == [0, 1, 2, 3]
+    assert all(r.step == 1 for r in ranges)
+    with pytest.raises(ValueError, match="outside"):
+        plan.part_shards(parts, parts)
+
+
+def test_load_plan_refuses_other_json(tmp_path):
+    (tmp_path / "index.json").write_text('{"format": "something-else"}')
+    with pytest.raises(DataError, match=r"index.json: not a flashnet index \(format 'something-else'\)"):
+        shards.load_plan(tmp_path / "index.json")
+
+
+# --------------------------------------------------------------------------- odd and bad images
+
+
+def test_odd_files_are_converted_to_rgb_jpegs_and_listed(official_results):
+    manifest = json.loads(official_results.manifest_path("train").read_text())
+    reasons = {item["reason"] for item in manifest["converted"]}
+    assert reasons == {"CMYK JPEG converted to RGB", "PNG file converted to an RGB JPEG", "greyscale JPEG converted to RGB"}
+    samples = dict(official_results.samples("train"))
+    for item in manifest["converted"]:
+        assert item["source"].startswith("ILSVRC2012_img_train.tar/") and item["source"].endswith(f"{item['key']}.JPEG")
+        image = decoded(samples[item["key"]]["jpg"])
+        assert (image.format, image.mode) == ("JPEG", "RGB")
+    assert manifest["rejected"] == [] and manifest["resized"] == 0
+
+
+def test_prepare_image_keeps_rgb_jpegs_and_converts_the_rest(sample_root):
+    images = source_images(sample_root, "train")
+    kinds = {}
+    for key, data in images.items():
+        out, reason, resized = shards.prepare_image(data, None, 90)
+        kinds[key] = reason
+        assert resized is False
+        assert (out == data) == (reason is None)
+        assert decoded(out).mode == "RGB" and decoded(out).format == "JPEG"
+    assert Counter(kinds.values()) == {None: 29, "CMYK JPEG converted to RGB": 1,
+                                       "PNG file converted to an RGB JPEG": 1, "greyscale JPEG converted to RGB": 1}
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda jpeg, kit: b"", "empty file (0 bytes)"),
+    (lambda jpeg, kit: kit.truncated_jpeg(jpeg), "unreadable image: "),
+    (lambda jpeg, kit: kit.corrupt_jpeg(jpeg), "Corrupt JPEG data"),
+    (lambda jpeg, kit: jpeg[:2] + b"\0" * 200 + jpeg[202:], "unreadable image: "),
+    (lambda jpeg, kit: b"GIF89a but no image follows", "unreadable image: "),
+])
+def test_prepare_image_rejects_what_cannot_be_decoded(sample_root, kit, damage, reason):
+    jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    with pytest.raises(shards.Rejected, match=re.escape(reason)):
+        shards.prepare_image(damage(jpeg, kit), None, 90)
+
+
+def test_corrupt_data_the_loader_would_refuse_is_rejected(sample_root, kit):
+    """The loader decodes with libjpeg-turbo through simplejpeg, which raises on corrupt entropy
+    data that PIL decodes without complaint: the check must refuse what training would crash on."""
+    corrupt = kit.corrupt_jpeg(source_images(sample_root, "val")["ILSVRC2012_val_00000001"])
+    decoded(corrupt)  # PIL: no error
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(corrupt)
+    with pytest.raises(shards.Rejected):
+        shards.prepare_image(corrupt, None, 90)
+
+
+def test_header_check_finds_truncation_but_not_corrupt_data(sample_root, kit):
+    """check: header reads headers and the end-of-image marker only: cheaper, and blind to damage
+    inside the compressed data (the default decode check is not)."""
+    jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    assert shards.prepare_image(jpeg, None, 90, check="header") == (jpeg, None, False)
+    with pytest.raises(shards.Rejected, match="no end-of-image marker"):
+        shards.prepare_image(kit.truncated_jpeg(jpeg), None, 90, check="header")
+    with pytest.raises(shards.Rejected, match="empty file"):
+        shards.prepare_image(b"", None, 90, check="header")
+    corrupt = kit.corrupt_jpeg(jpeg)
+    assert shards.prepare_image(corrupt, None, 90, check="header")[0] == corrupt
+    with pytest.raises(shards.Rejected):
+        shards.prepare_image(corrupt, None, 90, check="decode")
+
+
+def damage_train_images(data_dir: Path, kit) -> dict[str, str]:
+    """Make three train images unreadable (one each: truncated, corrupt, empty); returns their sources."""
+    files = sorted((data_dir / "train").rglob("*.JPEG"))
+    changes = {files[5]: kit.truncated_jpeg, files[13]: kit.corrupt_jpeg, files[21]: lambda data: b""}
+    for path, change in changes.items():
+        path.write_bytes(change(path.read_bytes()))
+    return {str(path.relative_to(data_dir)): path.stem for path in changes}
+
+
+def test_unreadable_train_images_are_skipped_and_listed_with_the_reason(layout_copy, stage, kit):
+    data_dir = layout_copy("extracted")
+    damaged = damage_train_images(data_dir, kit)
+    manifest = stage(data_dir, max_rejected=3).run("train")
+
+    rejected = {item["source"]: item for item in manifest["rejected"]}
+    assert sorted(rejected) == sorted(damaged)
+    assert {damaged[s]: item["key"] for s, item in rejected.items()} == {k: k for k in damaged.values()}
+    reasons = sorted(item["reason"] for item in manifest["rejected"])
+    assert reasons[0] == "empty file (0 bytes)"
+    assert any("Corrupt JPEG data" in r for r in reasons) and any("truncated" in r.lower() or "premature" in r.lower()
+                                                                   for r in reasons)
+    assert (manifest["samples"], manifest["found"], len(manifest["rejected"])) == (29, 32, 3)
+
+
+def test_more_rejections_than_max_rejected_fail_the_manifest(layout_copy, stage, kit):
+    data_dir = layout_copy("extracted")
+    damaged = damage_train_images(data_dir, kit)
+    run = stage(data_dir, max_rejected=2)
+    with pytest.raises(DataError) as error:
+        run.run("train")
+    message = str(error.value)
+    assert "train: 3 unreadable images exceed shards.max_rejected=2" in message
+    assert all(source in message for source in damaged)
+    assert not run.manifest_path("train").exists()
+
+
+def test_any_unreadable_val_image_fails_the_manifest_naming_it(layout_copy, stage, kit):
+    data_dir = layout_copy("kaggle")
+    path = data_dir / sources.KAGGLE_ROOT / "val" / "ILSVRC2012_val_00000007.JPEG"
+    path.write_bytes(kit.truncated_jpeg(path.read_bytes()))
+    run = stage(data_dir, max_rejected=100)
+    with pytest.raises(DataError) as error:
+        run.run("val")
+    message = str(error.value)
+    assert message.startswith("val: 1 unreadable image(s), and val accuracy needs every one: ")
+    assert "ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000007.JPEG: unreadable image: " in message
+    assert not run.manifest_path("val").exists()
+
+
+def test_max_side_reencodes_only_larger_images(layout_copy, stage, sample_root):
+    run = stage(layout_copy("extracted"), max_side=60)
+    manifest = run.run("train")
+    source = source_images(sample_root, "train")
+    larger = {key for key, data in source.items() if max(decoded(data).size) > 60}
+    converted = {item["key"] for item in manifest["converted"]}
+    assert 0 < len(larger) < len(source)
+    assert manifest["resized"] == len(larger)
+
+    samples = dict(run.samples("train"))
+    assert sorted(samples) == sorted(source)
+    for key, fields in samples.items():
+        image = decoded(fields["jpg"])
+        if key in larger:
+            assert max(image.size) == 60 and image.mode == "RGB", key
+            original = decoded(source[key]).size
+            assert abs(image.size[0] / image.size[1] - original[0] / original[1]) < 0.05, key
+        elif key not in converted:
+            assert fields["jpg"] == source[key], key
+
+
+# --------------------------------------------------------------------------- manifest and verification
+
+
+def test_manifest_accounts_for_every_input(official_results):
+    for split in sources.SPLITS:
+        manifest = json.loads(official_results.manifest_path(split).read_text())
+        keys = [key for key, _ in official_results.samples(split)]
+        assert manifest["samples"] == len(keys) == len(set(keys)) == sum(s["samples"] for s in manifest["shards"])
+        assert manifest["samples"] + len(manifest["rejected"]) == manifest["found"] == manifest["expected"]
+        assert {item["key"] for item in manifest["converted"]} <= set(keys)
+        assert (manifest["classes"], manifest["wnids"]) == (4, sorted(manifest["wnids"]))
+        assert [s["name"] for s in manifest["shards"]] == [f"{split}-{i:06d}.tar" for i in range(SHARD_COUNT[split])]
+        for shard, path in zip(manifest["shards"], official_results.shard_paths(split)):
+            assert shard["bytes"] == path.stat().st_size and shard["sha256"] == shards.sha256_file(path)
+        assert shards.verify_manifest(official_results.manifest_path(split), full=True) == manifest
+
+
+@pytest.fixture
+def shard_copy(official_results, tmp_path):
+    """A copy of the official train shards and manifest, to damage."""
+    dest = tmp_path / "train"
+    shutil.copytree(official_results.shard_dir("train"), dest)
+    return dest
+
+
+def test_verify_manifest_catches_a_missing_shard(shard_copy):
+    (shard_copy / "train-000002.tar").unlink()
+    with pytest.raises(DataError, match=r"manifest.json: lists train-000002.tar, which is missing"):
+        shards.verify_manifest(shard_copy / "manifest.json")
+
+
+def test_verify_manifest_catches_a_shard_of_the_wrong_size(shard_copy):
+    path = shard_copy / "train-000001.tar"
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(DataError, match=rf"train-000001.tar: {size + 512} bytes, the manifest says {size}"):
+        shards.verify_manifest(shard_copy / "manifest.json")
+
+
+def test_verify_manifest_full_catches_a_changed_byte(shard_copy):
+    path = shard_copy / "train-000003.tar"
+    data = bytearray(path.read_bytes())
+    data[2000] ^= 0x01  # inside the first image, same size
+    path.write_bytes(bytes(data))
+    shards.verify_manifest(shard_copy / "manifest.json")  # sizes alone cannot tell
+    with pytest.raises(DataError, match=r"train-000003.tar: sha256 differs from the manifest"):
+        shards.verify_manifest(shard_copy / "manifest.json", full=True)
+
+
+def test_verify_manifest_catches_accounting_that_does_not_add_up(shard_copy):
+    path = shard_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["found"] += 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="samples \\+ rejected != found"):
+        shards.verify_manifest(path)
+    with pytest.raises(DataError, match="manifest missing"):
+        shards.verify_manifest(shard_copy / "nothing.json")
+
+
+def test_build_manifest_catches_a_shard_changed_after_its_job(official_results, sample_root, stage):
+    run = stage(sample_root / "official")
+    run.index("val")
+    run.write("val")
+    path = run.shard_dir("val") / "val-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[1500] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"val-000001.tar: sha256 differs from what its conversion job recorded"):
+        run.manifest("val")
+
+
+def test_an_input_gone_after_indexing_stops_the_job_naming_it_and_leaves_no_shard(layout_copy, stage):
+    data_dir = layout_copy("extracted")
+    run = stage(data_dir)
+    run.index("val")
+    plan = shards.load_plan(run.index_path("val"))
+    gone = data_dir / plan.index.files[plan.index.file_ids[0]]  # the first sample of the first shard
+    gone.unlink()
+    with pytest.raises(DataError, match=rf"{gone}: cannot be read \(No such file or directory\)"):
+        run.write("val")
+    assert not list(run.shard_dir("val").glob("*.tar*")) and not list(run.shard_dir("val").glob(".*"))
+
+
+def test_build_manifest_needs_every_jobs_record(official_results, sample_root, stage):
+    run = stage(sample_root / "official")
+    run.index("train")
+    run.write("train", part=0)
+    with pytest.raises(DataError, match="no conversion job wrote train-000002.tar, train-000003.tar"):
+        shards.build_manifest(run.index_path("train"), run.part_paths("train")[:1], run.manifest_path("train"), 10)
+
+
+# --------------------------------------------------------------------------- interrupted jobs
+
+# Runs `flashnet write-shards` in a child process that SIGKILLs itself at a chosen moment:
+# at the Nth call of a function of flashnet.data.shards, or right after a given shard is renamed
+# to its final name (the moment between "the shard is complete" and "the journal says so").
+KILLER = r"""
+import os, signal, sys
+from flashnet import cli
+from flashnet.data import shards
+
+how, what = sys.argv[1], sys.argv[2]
+if how == "call":
+    name, n = what.split(":")
+    real, calls = getattr(shards, name), []
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(shards, name, dying)
+else:
+    real_replace = os.replace
+    def replace(src, dst, **kwargs):
+        real_replace(src, dst, **kwargs)
+        if os.path.basename(dst) == what:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def killed_write(run, split: str, part: int, how: str, what: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", KILLER, how, what, "write-shards", str(run.index_path(split)),
+               "--part", str(part), "--parts", str(run.parts), "--out", str(run.part_paths(split)[part]),
+               "--quality", str(run.quality)]
+    if run.max_side is not None:
+        command += ["--max-side", str(run.max_side)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    return result
+
+
+@pytest.fixture
+def rewrites(monkeypatch):
+    """The shards write_shard (re)writes in this process, in order."""
+    written = []
+    real = shards.write_shard
+
+    def spy(plan, shard, *args, **kwargs):
+        written.append(plan.shard_name(shard))
+        return real(plan, shard, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", spy)
+    return written
+
+
+def identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def journal_path(run, split: str, part: int) -> Path:
+    return run.shard_dir(split) / "parts" / f"{part}.journal.jsonl"
+
+
+def test_job_killed_mid_shard_leaves_no_final_name_and_the_rerun_redoes_only_the_rest(
+        official_results, sample_root, stage, rewrites):
+    run = stage(sample_root / "official")
+    run.index("train")
+    killed_write(run, "train", 0, "call", "prepare_image:11")  # the 3rd image of the job's 2nd shard
+    shard_dir = run.shard_dir("train")
+    assert sorted(p.name for p in shard_dir.glob("train-*.tar")) == ["train-000000.tar"]
+    leftovers = [p.name for p in shard_dir.glob(".train-000001.tar.tmp-*")]
+    assert len(leftovers) == 1  # the half-written shard, under a name no reader takes for a shard
+    assert not run.part_paths("train")[0].exists()
+    first = identity(shard_dir / "train-000000.tar")
+
+    run.write("train")
+    assert rewrites == ["train-000001.tar", "train-000002.tar", "train-000003.tar"]
+    assert identity(shard_dir / "train-000000.tar") == first
+    assert not list(shard_dir.glob(".*tmp*")), "the rerun clears the killed job's temporary file"
+    assert run.digests("train") == official_results.digests("train")
+    assert run.manifest("train") == json.loads(official_results.manifest_path("train").read_text())
+
+
+def test_job_killed_between_rename_and_journal_rewrites_that_shard(official_results, sample_root, stage, rewrites):
+    run = stage(sample_root / "official")
+    run.index("train")
+    killed_write(run, "train", 1, "rename", "train-000002.tar")
+    assert (run.shard_dir("train") / "train-000002.tar").exists()
+    run.write("train", part=1)
+    assert rewrites == ["train-000002.tar", "train-000003.tar"]
+    run.write("train", part=0)
+    assert run.digests("train") == official_results.digests("train")
+    run.manifest("train")
+
+
+def test_rerun_after_a_finished_job_rewrites_nothing(official_results, sample_root, stage, rewrites):
+    run = stage(sample_root / "official")
+    run.run("train")
+    before = {p.name: identity(p) for p in run.shard_paths("train")}
+    rewrites.clear()
+    run.write("train")
+    assert rewrites == []
+    assert {p.name: identity(p) for p in run.shard_paths("train")} == before
+
+
+def test_journal_line_cut_short_by_a_kill_is_dropped_and_later_lines_count(official_results, sample_root, stage,
+                                                                           rewrites):
+    run = stage(sample_root / "official")
+    run.index("train")
+    run.write("train", part=0)
+    (run.shard_dir("train") / "train-000001.tar").unlink()
+    with open(journal_path(run, "train", 0), "a") as f:
+        f.write('{"bytes": 40960, "name": "train-0000')  # the kill came mid-line
+    rewrites.clear()
+    run.write("train", part=0)
+    assert rewrites == ["train-000001.tar"]
+    run.write("train", part=0)
+    assert rewrites == ["train-000001.tar"], "the record after the torn line must be read"
+    lines = journal_path(run, "train", 0).read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+
+
+def test_a_journal_made_with_other_settings_does_not_skip(official_results, sample_root, stage, rewrites):
+    run = stage(sample_root / "official")
+    run.run("train")
+    rewrites.clear()
+    smaller = stage(sample_root / "official", max_side=50)  # same folders, other settings
+    smaller.write("train")
+    assert rewrites == [f"train-{i:06d}.tar" for i in range(4)]
+    assert smaller.manifest("train")["resized"] > 0
+    assert all(a != b for a, b in zip(smaller.digests("train").values(), official_results.digests("train").values()))
+
+
+def test_switching_settings_back_rewrites_shards_of_the_same_size(official_results, sample_root, stage, rewrites):
+    """quality changes only the three converted images, so the shards keep their (512-byte padded)
+    sizes: after 90 → 20 → 90 the journal's old records for quality 90 match the settings and the
+    sizes, but the files hold quality 20. Only the newest journal line about a shard may count."""
+    run = stage(sample_root / "official")
+    run.run("train")
+    low = stage(sample_root / "official", quality=20)
+    low.write("train")
+    changed = [n for n, d in low.digests("train").items() if d != official_results.digests("train")[n]]
+    assert changed and all((run.shard_dir("train") / n).stat().st_size ==
+                           (official_results.shard_dir("train") / n).stat().st_size for n in changed)
+    rewrites.clear()
+    run.write("train")
+    assert set(changed) <= set(rewrites)
+    assert run.digests("train") == official_results.digests("train")
+    run.manifest("train")
+
+
+def test_killed_rewrite_with_other_settings_does_not_leave_a_stale_shard(official_results, sample_root, stage):
+    run = stage(sample_root / "official")
+    run.run("train")
+    low = stage(sample_root / "official", quality=20)
+    # train-000000.tar holds a converted image, so quality 20 changes its bytes (not its size).
+    killed_write(low, "train", 0, "rename", "train-000000.tar")
+    assert run.digests("train")["train-000000.tar"] != official_results.digests("train")["train-000000.tar"]
+    run.write("train")
+    assert run.digests("train") == official_results.digests("train")
+    run.manifest("train")

@@ -1,0 +1,63 @@
+"""The whole pipeline with the local profile (`snakemake --profile profiles/local`) on tiny
+generated data in a temporary folder: sample data, shards, 2-process DDP training through
+submitit's local executor, evaluation, report."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import (REPO, TINY_CONFIG, Workflow, check_report, check_run, check_shards, describe, dry_run_jobs,
+                     expected_jobs)
+
+pytestmark = pytest.mark.e2e
+
+PROFILE = str(REPO / "profiles" / "local")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Workflow:
+    workflow = Workflow.create(tmp_path_factory.mktemp("local-pipeline"), TINY_CONFIG)
+    proc = workflow.snakemake("--profile", PROFILE)
+    assert proc.returncode == 0, describe(proc)
+    return workflow
+
+
+def test_local_profile_dry_run_lists_every_job(tmp_path):
+    workflow = Workflow.create(tmp_path, TINY_CONFIG)
+    proc = workflow.snakemake("--profile", PROFILE, "-n")
+    assert proc.returncode == 0, describe(proc)
+    assert dry_run_jobs(proc.stdout) == expected_jobs(TINY_CONFIG)
+
+
+def test_all_outputs_present(local_run):
+    results = local_run.results
+    for path in [*(f"shards/{split}/manifest.json" for split in ("train", "val")),
+                 *(f"runs/default/{name}" for name in ("summary.json", "metrics.csv", "steps.csv", "model.pt",
+                                                       "eval.json")),
+                 "report/report.html", "report/summary.md", "report/summary.csv"]:
+        assert (results / path).is_file(), path
+    # A finished run leaves no resume checkpoint behind (a rerun would train afresh).
+    assert not (local_run.run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_shards_match_their_manifests(local_run):
+    manifests = check_shards(local_run.results)
+    sample = TINY_CONFIG["sample_data"]
+    assert manifests["val"]["samples"] == sample["classes"] * sample["val_per_class"]
+    assert manifests["train"]["samples"] == sample["classes"] * sample["train_per_class"]
+    # odd_files makes three train files a PNG, a CMYK and a greyscale JPEG: converted, not rejected.
+    assert len(manifests["train"]["converted"]) == 3 and not manifests["train"]["rejected"]
+
+
+def test_training_evaluation_and_accuracy(local_run):
+    check_run(local_run)
+
+
+def test_report_written(local_run):
+    check_report(local_run.results)
+
+
+def test_nothing_left_to_do(local_run):
+    proc = local_run.snakemake("--profile", PROFILE, "-n")
+    assert proc.returncode == 0, describe(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, describe(proc)

@@ -1,0 +1,156 @@
+"""The data stage's command line (what the rules' shell lines call) and the workflow's wiring:
+`snakemake -n` plans the expected jobs and `snakemake --lint` is clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flashnet import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+TINY = ["--classes", "4", "--train-per-class", "8", "--val-per-class", "3", "--min-side", "40", "--max-side", "80"]
+
+
+def flashnet(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli-sample")
+    assert cli.main(["sample-data", str(out), "--layout", "official", "--layout", "kaggle", *TINY]) == 0
+    return out
+
+
+def test_sample_data_writes_each_layout_to_its_folder(capsys, tmp_path):
+    code, out, _ = flashnet(capsys, "sample-data", tmp_path / "data", "--layout", "extracted", "--layout", "kaggle", *TINY)
+    assert code == 0
+    assert out == f"wrote 32 train and 12 val images to {tmp_path / 'data'} (extracted, kaggle)\n"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["extracted", "kaggle"]
+    assert len(list((tmp_path / "data" / "extracted" / "train").rglob("*.JPEG"))) == 32
+
+
+def test_sample_data_defaults_to_the_official_layout(capsys, tmp_path):
+    code, out, _ = flashnet(capsys, "sample-data", tmp_path, *TINY, "--no-odd-files")
+    assert code == 0 and out.endswith("(official)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"])
+
+
+def test_the_data_stage_command_by_command(capsys, sample_dir, tmp_path):
+    data_dir = sample_dir / "official"
+    shards = tmp_path / "shards" / "train"
+    code, out, _ = flashnet(capsys, "index", data_dir, "--split", "train", "--samples-per-shard", 8, "--seed", 0,
+                            "--out", shards / "index.json")
+    assert (code, out) == (0, f"train: 32 files in the official layout, 4 classes → {shards / 'index.json'}\n")
+    lines = []
+    for part in (0, 1):
+        code, out, _ = flashnet(capsys, "write-shards", shards / "index.json", "--part", part, "--parts", 2,
+                                "--quality", 90, "--out", shards / "parts" / f"{part}.json")
+        assert code == 0
+        lines.append(out)
+    # The three odd files (CMYK, PNG, greyscale) are in the sample's train set; which job meets them
+    # depends on the shuffle, the total does not.
+    counts = [re.fullmatch(r"part (\d)/2: 2 shards, 16 samples, (\d) converted, 0 rejected\n", line) for line in lines]
+    assert all(counts) and sum(int(m.group(2)) for m in counts) == 3
+    code, out, _ = flashnet(capsys, "manifest", shards / "index.json", "--parts", shards / "parts" / "0.json",
+                            shards / "parts" / "1.json", "--max-rejected", 0, "--out", shards / "manifest.json")
+    assert (code, out) == (0, f"train: 32 samples in 4 shards verified; 3 converted, 0 rejected → "
+                              f"{shards / 'manifest.json'}\n")
+    code, out, _ = flashnet(capsys, "verify-shards", shards / "manifest.json", "--full")
+    assert (code, out) == (0, f"{shards / 'manifest.json'}: 32 samples in 4 shards OK\n")
+
+    # A byte changed in a shard: only --full notices, and says so in one line.
+    path = shards / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[3000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert flashnet(capsys, "verify-shards", shards / "manifest.json")[0] == 0
+    code, out, err = flashnet(capsys, "verify-shards", shards / "manifest.json", "--full")
+    assert (code, out) == (2, "")
+    assert err == f"flashnet verify-shards: error: {path}: sha256 differs from the manifest\n"
+
+
+def test_bad_input_is_one_line_on_stderr_and_exit_code_2(capsys, tmp_path):
+    code, out, err = flashnet(capsys, "index", tmp_path / "nowhere", "--split", "val", "--samples-per-shard", 8,
+                              "--seed", 0, "--out", tmp_path / "index.json")
+    assert (code, out) == (2, "")
+    assert err == f"flashnet index: error: data_dir {tmp_path / 'nowhere'}: does not exist\n"
+    assert not (tmp_path / "index.json").exists()
+
+
+def test_a_kaggle_val_image_without_a_label_stops_the_index(capsys, sample_dir, tmp_path):
+    data_dir = tmp_path / "kaggle"
+    shutil.copytree(sample_dir / "kaggle", data_dir)
+    val = data_dir / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    shutil.copy(val / "ILSVRC2012_val_00000001.JPEG", val / "ILSVRC2012_val_00000077.JPEG")
+    code, _, err = flashnet(capsys, "index", data_dir, "--split", "val", "--samples-per-shard", 8, "--seed", 0,
+                            "--out", tmp_path / "index.json")
+    assert code == 2
+    assert err == ("flashnet index: error: ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000077.JPEG: "
+                   "no label in LOC_val_solution.csv\n")
+
+
+def test_bench_shards_runs_through_the_cli(capsys, tmp_path):
+    code, out, _ = flashnet(capsys, "bench", "shards", "--images", 20, "--repeats", 1, "--jobs", 1,
+                            "--samples-per-shard", 8, "--workdir", tmp_path / "work", "--out", tmp_path / "bench.json")
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert (report["inputs"]["images"], report["inputs"]["shards"]) == (20, 3)
+    rows = {row["what"]: row for row in report["summary"]}
+    assert set(rows) == {"tar -cf", "tar -cf + fsync", "write_part", "write_part (check: header)",
+                         "check only (prepare_image)", "write_part, no check"}
+    assert rows["tar -cf"]["vs_tar"] == 1.0 and all(row["samples_per_s_per_process"] > 0 for row in rows.values())
+    assert [t["samples"] for t in report["timings"] if t["what"] == "write_part"] == [[20]]
+    assert "write_part" in out and "goal: write_part ≥ 0.5 × tar's per-process rate" in out
+    assert not (tmp_path / "work" / "imagenet-like").exists(), "without --keep the inputs are removed"
+
+
+# --------------------------------------------------------------------------- the workflow's wiring
+
+
+def snakemake(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(SNAKEMAKE), *args, "--nolock", "--config", f"results_dir={tmp_path / 'results'}",
+                           f"data_dir={tmp_path / 'data'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule → count."""
+    table = output.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)
+            if m.group(1) != "total"}
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_dry_run_of_the_default_config_plans_every_step(tmp_path):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    result = snakemake("-n", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs, parts = len(config["runs"]), config["shards"]["jobs"]
+    assert job_counts(result.stdout + result.stderr) == {
+        "sample_data": 1, "index_split": 2, "write_shards": 2 * parts, "manifest": 2,
+        "train": runs, "evaluate": runs, "report": 1, "all": 1,
+    }
+    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_lint_is_clean(tmp_path):
+    result = snakemake("--lint", tmp_path=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Congratulations, your workflow is in a good condition!" in output, output[-3000:]

@@ -1,0 +1,93 @@
+"""The submitting side of training: checks before submission, one job per run, and no job left
+running when its waiting process is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flashnet.config import ConfigError, LauncherConfig, RunConfig
+from flashnet.data.sources import DataError
+from flashnet.train import launch
+
+LOCAL = dict(cluster="local", timeout_min=30, signal_delay_s=60, max_num_timeout=3, cpus_per_task=1,
+             mem_gb_per_node=None, setup=[], ddp_timeout_s=120, poll_s=0.2, slurm_extra={})
+
+
+def test_checks_before_submitting(tiny_dataset, tmp_path):
+    launcher = LauncherConfig.from_dict(LOCAL)
+    good = RunConfig.from_dict(tiny_dataset.run())
+    launch.check_before_submitting(good, launcher, tiny_dataset.train_manifest, tiny_dataset.val_manifest)
+    two_nodes = RunConfig.from_dict(tiny_dataset.run(nodes=2))
+    with pytest.raises(ConfigError, match="nodes: 2, but launcher.cluster is local"):
+        launch.check_before_submitting(two_nodes, launcher, tiny_dataset.train_manifest, tiny_dataset.val_manifest)
+    too_big = RunConfig.from_dict(tiny_dataset.run(batch_size=1024))
+    with pytest.raises(ConfigError, match="batch_size 1024 exceeds the 160 train samples"):
+        launch.check_before_submitting(too_big, launcher, tiny_dataset.train_manifest, tiny_dataset.val_manifest)
+    with pytest.raises(DataError, match="manifest missing"):
+        launch.check_before_submitting(good, launcher, tmp_path / "manifest.json", tiny_dataset.val_manifest)
+
+
+def test_a_manifest_that_does_not_verify_stops_submission(tiny_dataset, tmp_path):
+    manifest = json.loads(tiny_dataset.train_manifest.read_text())
+    shard = tiny_dataset.train_manifest.parent / manifest["shards"][0]["name"]
+    copy = tmp_path / "train"
+    copy.mkdir()
+    for entry in manifest["shards"]:
+        (copy / entry["name"]).write_bytes((shard.parent / entry["name"]).read_bytes())
+    (copy / manifest["shards"][0]["name"]).write_bytes(b"short")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"train-000000\.tar: 5 bytes, the manifest says"):
+        launch.check_before_submitting(RunConfig.from_dict(tiny_dataset.run()), LauncherConfig.from_dict(LOCAL),
+                                       copy / "manifest.json", tiny_dataset.val_manifest)
+
+
+def test_a_run_with_a_job_still_running_is_refused(tmp_path):
+    # A stand-in for submitit's local controller: a process whose command line says so.
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local"])
+    try:
+        (tmp_path / launch.ACTIVE_JOB).write_text(json.dumps({"cluster": "local", "job_id": str(controller.pid)}))
+        with pytest.raises(launch.JobFailed, match=rf"local job {controller.pid} of this run is still running.*kill"):
+            launch.refuse_if_running(tmp_path)
+    finally:
+        controller.kill()
+        controller.wait()
+    launch.refuse_if_running(tmp_path)  # gone now: the stale record is dropped
+    assert not (tmp_path / launch.ACTIVE_JOB).exists()
+
+
+def test_stopping_the_waiting_process_cancels_the_job(tmp_path):
+    """SIGTERM to the waiting rule (Snakemake stopping it) must not leave the job running unwatched."""
+    script = textwrap.dedent(f"""
+        import time, submitit
+        from pathlib import Path
+        from flashnet.train import launch
+        executor = submitit.AutoExecutor(folder={str(tmp_path)!r}, cluster="local")
+        executor.update_parameters(timeout_min=5)
+        job = executor.submit(time.sleep, 120)
+        print("JOB", job.job_id, flush=True)
+        try:
+            launch.follow(job, Path({str(tmp_path)!r}), "local", 0.2)
+        except launch.JobFailed as error:
+            print("FAILED", error, flush=True)
+    """)
+    waiter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    job_id = int(waiter.stdout.readline().split()[1])
+    time.sleep(2)
+    assert json.loads((tmp_path / launch.ACTIVE_JOB).read_text())["job_id"] == str(job_id)
+    waiter.send_signal(signal.SIGTERM)
+    out, _ = waiter.communicate(timeout=60)
+    assert "FAILED interrupted (SIGTERM): cancelled job" in out
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{job_id}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{job_id}").exists() or b"submitit" not in Path(f"/proc/{job_id}/cmdline").read_bytes()
+    assert not (tmp_path / launch.ACTIVE_JOB).exists()

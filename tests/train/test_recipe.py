@@ -1,0 +1,125 @@
+"""Single-process training runs on the tiny shards, in this process (fast)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from flashnet.train.callbacks import NonFiniteLoss, Preempted, StopRequest
+from flashnet.train.recipe import TrainSpec, train
+
+
+
+def make_spec(tiny_dataset, out: Path, **overrides) -> TrainSpec:
+    run = tiny_dataset.run(**overrides)
+    return TrainSpec("tiny", run, str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest), str(out))
+
+
+class StopAtStep(pl.Callback):
+    """Requests a stop after optimizer step ``step``, as the USR2 handler would."""
+
+    def __init__(self, stop: StopRequest, step: int):
+        self.stop, self.step = stop, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.stop.request("test")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def load_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run32")
+    summary = train(make_spec(tiny_dataset, out, epochs=3, warmup_epochs=1), None, StopRequest())
+    return out, summary
+
+
+def test_32_true_run_learns_and_writes_its_records(finished_run):
+    out, summary = finished_run
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["step"]) for r in rows] == [10, 20, 30]  # 160 images // batch 16
+    assert summary["steps"] == 30 and summary["world_size"] == 1 and summary["precision"] == "32-true"
+    assert summary["final_top1"] == float(rows[-1]["val_top1"])
+    assert summary["final_top1"] >= 0.5  # 4 classes: chance is 0.25
+    walls = [float(r["wall_s"]) for r in rows]
+    assert walls == sorted(walls) and summary["train_seconds"] >= walls[-1]
+    if summary["time_to_target_s"] is not None:
+        first = next(r for r in rows if float(r["val_top1"]) >= 0.5)
+        assert summary["time_to_target_s"] == float(first["wall_s"])
+    steps = read_csv(out / "steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(2, 31, 2))
+    assert not (out / "checkpoints" / "last.ckpt").exists()  # finished: nothing to resume
+
+
+def test_final_checkpoint_loads_into_torchvision(finished_run):
+    out, _ = finished_run
+    record = torch.load(out / "model.pt", weights_only=True)
+    model = torchvision.models.resnet18(num_classes=record["num_classes"])
+    model.load_state_dict(record["state_dict"])
+    assert record["run"]["model"] == "resnet18" and len(record["wnids"]) == 4
+    assert record["eval_resize"] == round(32 * 256 / 224)
+
+
+def test_schedule_as_logged_follows_warmup_then_decay(finished_run):
+    out, _ = finished_run
+    lrs = {int(r["step"]): float(r["lr"]) for r in read_csv(out / "steps.csv")}
+    # after optimizer step s the scheduler has set lr(s): warmup to 1.0 over 10 steps, then decay
+    assert lrs[2] == pytest.approx(0.3)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[30] == pytest.approx(0.0001)
+    assert all(lrs[a] >= lrs[b] for a, b in zip(range(10, 30, 2), range(12, 31, 2)))
+
+
+def test_bf16_mixed_trains_on_cpu(tiny_dataset, tmp_path):
+    # A few steps only: CPUs without bf16 units run bf16 autocast some 40× slower than float32.
+    summary = train(make_spec(tiny_dataset, tmp_path, precision="bf16-mixed", epochs=0.3, warmup_epochs=0.1,
+                              log_every_steps=1), None, StopRequest())
+    losses = [float(r["train_loss"]) for r in read_csv(tmp_path / "metrics.csv")]
+    assert summary["precision"] == "bf16-mixed" and all(0 < loss < 10 for loss in losses)
+
+
+@pytest.mark.parametrize("stop_step", [5, 10])  # mid-epoch, and at an epoch's end
+def test_resume_continues_exactly_where_it_stopped(tiny_dataset, finished_run, tmp_path, stop_step):
+    """Stop (as on USR2), resume from the checkpoint, and end with the very weights of the
+    uninterrupted run: model, optimizer, schedule and data position all restored."""
+    reference, reference_summary = finished_run
+    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=1)
+    stop = StopRequest()
+    with pytest.raises(Preempted, match="stopped"):
+        train(spec, None, stop, extra_callbacks=[StopAtStep(stop, stop_step)])
+    assert spec.checkpoint.exists()
+    summary = train(spec, None, StopRequest())
+    assert summary["steps"] == reference_summary["steps"]
+    assert [r["epoch"] for r in read_csv(tmp_path / "metrics.csv")] == ["1", "2", "3"]
+    expected, resumed = load_weights(reference), load_weights(tmp_path)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert summary["final_top1"] == reference_summary["final_top1"]
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(tiny_dataset, tmp_path):
+    spec = make_spec(tiny_dataset, tmp_path, optimizer="sgd", lr=1e6, warmup_epochs=0.1, log_every_steps=1)
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+        train(spec, None, StopRequest())
+
+
+def test_summary_is_json_with_versions(finished_run):
+    out, _ = finished_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] is True
+    assert set(summary["versions"]) >= {"python", "torch", "torchvision", "pytorch_lightning"}
