@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scipy.io import loadmat, savemat
+from scipy.io import loadmat
 
 from flashnet.data import sample, shards, sources
 
@@ -198,18 +198,10 @@ def read_official(data_dir: Path) -> Official:
 def meta_mat(synsets: list[tuple[int, str, int]]) -> bytes:
     """devkit data/meta.mat: leaf synsets and one inner synset (``num_children`` > 0), which the
     reader must skip, as it skips the real devkit's 860."""
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
     rows = [(i, wnid, f"class {wnid}", "", 0, np.zeros((1, 0)), 0, count) for i, wnid, count in synsets]
     leaf_ids = np.array([[i for i, _, _ in synsets]], dtype=float)
     rows.append((len(synsets) + 1, "n00001740", "entity", "", len(synsets), leaf_ids, 1, 0))
-    table = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
-    for r, row in enumerate(rows):
-        for field, value in zip(fields, row):
-            table[r, 0][field] = value
-    buffer = io.BytesIO()
-    savemat(buffer, {"synsets": table})
-    return buffer.getvalue()
+    return sample.synsets_mat(rows)
 
 
 def write_official(data_dir: Path, official: Official) -> Path:

@@ -61,3 +61,36 @@ def test_nothing_left_to_do(local_run):
     proc = local_run.snakemake("--profile", PROFILE, "-n")
     assert proc.returncode == 0, describe(proc)
     assert "Nothing to be done" in proc.stdout + proc.stderr, describe(proc)
+
+
+def test_flashnet_report_opens_in_chromium(local_run, tmp_path):
+    """The pipeline's own report, from a real run: no console errors, the sections, the figures."""
+    from browser import distinct_colours, load_page, require_chromium
+
+    from flashnet.report.html import SECTIONS
+
+    seen = load_page(require_chromium(), local_run.results / "report" / "report.html", tmp_path / "profile")
+    assert seen["problems"] == []
+    assert seen["headings"] == ["flashnet report", *(heading for _, heading, _ in SECTIONS)]
+    assert seen["images"] and all(image["loaded"] for image in seen["images"])
+    assert seen["accuracy_png"] is not None and distinct_colours(seen["accuracy_png"]) > 50
+
+
+def test_snakemakes_own_report(local_run, tmp_path):
+    """`snakemake --report` over the finished run: every report() output with its caption, in a page
+    that loads in Chromium without console errors."""
+    from browser import load_page, require_chromium
+
+    report = tmp_path / "report.html"
+    proc = local_run.snakemake("--report", str(report))
+    assert proc.returncode == 0, describe(proc)
+    text = report.read_text()
+    for name in ("summary.csv", "references.csv", "projection.csv", "accuracy_vs_epoch.png", "accuracy_vs_time.png",
+                 "accuracy_vs_batch.png", "throughput.png", "lr_schedule.png"):
+        assert name in text, name
+    seen = load_page(require_chromium(), report, tmp_path / "profile")
+    # Snakemake's template inlines Tailwind's browser build, which warns that it is "not for
+    # production": Snakemake's own warning, not ours. Errors, exceptions and failed loads still count.
+    errors = [p for p in seen["problems"] if not p.startswith(("console.warning", "log warning"))]
+    assert errors == []
+    assert "Snakemake" in seen["dom"] and "flashnet" in seen["dom"]

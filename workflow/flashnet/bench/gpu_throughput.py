@@ -77,6 +77,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 import torchvision
+from flashnet.machine import cpu_model
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # steps per epoch for the schedule: as a real ImageNet run
 IMAGENET_CLASSES = 1000
@@ -323,16 +324,6 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
     else:
         info["torch_threads"] = torch.get_num_threads()
     return info
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def nvidia_smi_field(field: str) -> str | None:

@@ -224,7 +224,8 @@ def format_table(report: dict) -> str:
     lines += ["", f"{'optimizer':<20} {'ms/step':>9} {'x SGD':>7} {'best':>9}"]
     for row in report["results"]:
         lines.append(
-            f"{row['optimizer']:<20} {row['ms_per_step']:>9.2f} {row['ratio_to_sgd']:>7.2f} {row['best_ms_per_step']:>9.2f}"
+            f"{row['optimizer']:<20} {row['ms_per_step']:>9.2f} {row['ratio_to_sgd']:>7.2f}"
+            f" {row['best_ms_per_step']:>9.2f}"
         )
     return "\n".join(lines)
 

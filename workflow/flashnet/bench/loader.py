@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from flashnet.data import loader, sample, shards, sources
+from flashnet.machine import cpu_model
 
 SAMPLES_PER_SHARD = 100
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, the ImageNet recipe's
@@ -266,16 +267,6 @@ def time_decoders(jpegs: list[bytes], repeats: int, dct_scales: bool) -> dict[st
 
 
 # --------------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summarize(rates: list[Rate], baseline: list[Rate] | None = None) -> dict:

@@ -67,6 +67,7 @@ import simplejpeg
 from PIL import features
 
 from flashnet.data import sample, shards, sources
+from flashnet.machine import cpu_model
 
 INPUT_SIDES = (300, 500)
 INPUT_QUALITY = 90
@@ -319,16 +320,6 @@ def scaling(summary: list[dict[str, Any]], jobs: list[int]) -> dict[str, float]:
     top = max(jobs)
     by = {(r["what"], r["jobs"]): r["samples_per_s_total"] for r in summary}
     return {what: by[(what, top)] / by[(what, 1)] for what, j in by if j == 1 and (what, top) in by}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def filesystem_of(path: Path) -> str:

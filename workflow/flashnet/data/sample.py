@@ -207,13 +207,27 @@ def _tar_bytes(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
-def _meta_mat(classes: list[SampleClass], train_counts: dict[str, int]) -> bytes:
-    """devkit data/meta.mat: the ``synsets`` struct array, leaves first, then two inner synsets
-    (``num_children > 0``) as the real devkit has 860 of them after its 1000 leaves."""
+SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+                 "num_train_images")
+
+
+def synsets_mat(rows: list[tuple]) -> bytes:
+    """A devkit ``meta.mat``: the ``synsets`` struct array, one row of :data:`SYNSET_FIELDS` values
+    per synset, as MATLAB writes it (and scipy.io.loadmat reads it)."""
     from scipy.io import savemat
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in SYNSET_FIELDS])
+    for i, row in enumerate(rows):
+        for field, value in zip(SYNSET_FIELDS, row):
+            synsets[i, 0][field] = value
+    buffer = io.BytesIO()
+    savemat(buffer, {"synsets": synsets})
+    return _fixed_mat_header(buffer.getvalue())
+
+
+def _meta_mat(classes: list[SampleClass], train_counts: dict[str, int]) -> bytes:
+    """devkit data/meta.mat: leaves first, then two inner synsets (``num_children > 0``), as the
+    real devkit has 860 of them after its 1000 leaves."""
     rows = [
         (c.ilsvrc_id, c.wnid, c.words, f"procedurally drawn {c.words}", 0, np.zeros((1, 0)), 0,
          train_counts[c.wnid])
@@ -223,13 +237,7 @@ def _meta_mat(classes: list[SampleClass], train_counts: dict[str, int]) -> bytes
     n = len(classes)
     rows.append((n + 1, "n00001740", "entity", "that which is perceived", 1, np.array([[n + 2]], float), 3, 0))
     rows.append((n + 2, "n00002684", "object", "a tangible thing", n, leaf_ids, 2, 0))
-    synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
-    for i, row in enumerate(rows):
-        for field, value in zip(fields, row):
-            synsets[i, 0][field] = value
-    buffer = io.BytesIO()
-    savemat(buffer, {"synsets": synsets})
-    return _fixed_mat_header(buffer.getvalue())
+    return synsets_mat(rows)
 
 
 def _fixed_mat_header(mat: bytes) -> bytes:

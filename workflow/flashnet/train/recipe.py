@@ -26,6 +26,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from ..config import ConfigError, RunConfig
 from ..data.loader import shard_paths
 from ..data.shards import verify_manifest
+from ..machine import cpu_model
 from .callbacks import PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
 from .datamodule import ShardData
 from .module import ImageNetClassifier
@@ -39,6 +40,8 @@ warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 # The module's transfer_batch_to_device (undecoded JPEGs stay on the host) is meant to win.
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device` in `LightningModule`.*")
+# A local run on a machine that has SLURM's tools is still a local run.
+warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +182,8 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     resume = spec.checkpoint if spec.checkpoint.exists() else None
     if resume and trainer.is_global_zero:
         print(f"resuming from {resume}", flush=True)
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
+    # Resume checkpoints hold tensors and plain values only, so nothing in them is unpickled as code.
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
 
     if not trainer.is_global_zero:
         return None
@@ -255,15 +259,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def device_name(accelerator: str) -> str:
-    if accelerator == "gpu":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name() if accelerator == "gpu" else cpu_model()
 
 
 def software_versions() -> dict[str, str]:

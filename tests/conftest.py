@@ -1,4 +1,9 @@
-"""Tiny shards for the training tests: 4 classes, 40 train and 10 val images per class, small JPEGs."""
+"""Shared test fixtures. Loading this conftest also puts tests/ on sys.path (pytest's default import
+mode), so tests can import the helpers kept here, e.g. `from browser import load_page`.
+
+``tiny_dataset``: shards of a tiny sample dataset (4 classes, 40 train and 10 val images per class,
+small JPEGs) and a run that trains on them in seconds.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,110 @@
+"""Evaluation of a run's final checkpoint: exact over the val shards, and clear about bad input."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import pytest
+import torch
+import torchvision
+
+from flashnet import evaluate
+from flashnet.data.loader import center_crop_box, decode_crop, normalize
+from flashnet.data.shards import read_shard_samples
+from flashnet.data.sources import DataError
+from flashnet.train.callbacks import StopRequest
+from flashnet.train.recipe import TrainSpec, train
+
+LOCAL = dict(cluster="local", timeout_min=30, signal_delay_s=60, max_num_timeout=3, cpus_per_task=1,
+             mem_gb_per_node=None, setup=[], ddp_timeout_s=120, poll_s=0.2, slurm_extra={})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    spec = TrainSpec("tiny", tiny_dataset.run(epochs=2), str(tiny_dataset.train_manifest),
+                     str(tiny_dataset.val_manifest), str(out))
+    train(spec, None, StopRequest())
+    return out
+
+
+def reference_predictions(model_path, val_manifest) -> tuple[int, int]:
+    """(correct, total) computed directly: every val sample, decoded and classified one at a time."""
+    record = torch.load(model_path, weights_only=True)
+    model = torchvision.models.get_model(record["model"], num_classes=record["num_classes"])
+    model.load_state_dict(record["state_dict"])
+    model.eval()
+    manifest = json.loads(val_manifest.read_text())
+    correct = total = 0
+    for shard in manifest["shards"]:
+        for _, fields in read_shard_samples(val_manifest.parent / shard["name"]):
+            import simplejpeg
+
+            height, width, _, _ = simplejpeg.decode_jpeg_header(fields["jpg"])
+            box = center_crop_box(width, height, record["eval_resize"], record["image_size"])
+            image = decode_crop(fields["jpg"], box, record["image_size"]).unsqueeze(0)
+            with torch.no_grad():
+                predicted = int(model(normalize(image, torch.contiguous_format)).argmax())
+            correct += predicted == int(fields["cls"])
+            total += 1
+    return correct, total
+
+
+def test_evaluation_counts_every_val_sample_once_and_agrees(trained, tiny_dataset):
+    spec = evaluate.EvalSpec(str(trained / "model.pt"), str(tiny_dataset.val_manifest), batch_size=7, devices=1,
+                             workers=2)
+    results = evaluate.evaluate(spec, None)
+    assert results["samples"] == 40
+    correct, total = reference_predictions(trained / "model.pt", tiny_dataset.val_manifest)
+    assert total == 40 and results["top1"] == pytest.approx(correct / total)
+    with open(trained / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert results["top1"] == pytest.approx(float(last["val_top1"]), abs=1 / 40 + 1e-9)
+    assert len(results["per_class_top1"]) == 4 and results["top5"] == 1.0  # 4 classes: top-5 is everything
+
+
+def args_for(run_dir, tiny_dataset, out):
+    return argparse.Namespace(run_dir=run_dir, val_manifest=tiny_dataset.val_manifest, launcher=LOCAL,
+                              batch_size=10, devices=1, workers=0, out=out)
+
+
+def test_evaluate_from_cli_writes_eval_json(trained, tiny_dataset, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluate.evaluate_from_cli(args_for(trained, tiny_dataset, out))
+    results = json.loads(out.read_text())
+    assert results["samples"] == results["expected_samples"] == 40
+    assert len(results["checkpoint_sha256"]) == 64 and results["wall_s"] > 0
+
+
+def test_unfinished_training_is_refused(trained, tiny_dataset, tmp_path):
+    with pytest.raises(DataError, match="training did not finish"):
+        evaluate.evaluate_from_cli(args_for(tmp_path, tiny_dataset, tmp_path / "eval.json"))
+
+
+def test_a_checkpoint_that_does_not_load_is_named(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"model\.pt: not a loadable checkpoint"):
+        evaluate.load_final_model(tmp_path / "model.pt")
+
+
+def test_weights_of_another_architecture_are_named(trained, tmp_path):
+    record = torch.load(trained / "model.pt", weights_only=True)
+    record["state_dict"] = torchvision.models.resnet34(num_classes=4).state_dict()
+    torch.save(record, tmp_path / "model.pt")
+    with pytest.raises(DataError, match="weights do not fit a resnet18 with 4 classes"):
+        evaluate.load_final_model(tmp_path / "model.pt")
+
+
+def test_a_sample_count_that_differs_from_the_manifest_fails(trained, tiny_dataset, tmp_path, monkeypatch):
+    real = evaluate.launch.follow
+
+    def one_short(*args, **kwargs):
+        results = real(*args, **kwargs)
+        return {**results, "samples": results["samples"] - 1}
+
+    monkeypatch.setattr(evaluate.launch, "follow", one_short)
+    with pytest.raises(DataError, match="evaluated 39 samples but .* lists 40"):
+        evaluate.evaluate_from_cli(args_for(trained, tiny_dataset, tmp_path / "eval.json"))
+    assert not (tmp_path / "eval.json").exists()
