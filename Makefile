@@ -23,7 +23,7 @@ test-fast: $(INSTALLED)  ## the fast suite alone
 	$(PYTEST) -m "not e2e" $(ALLOW_EMPTY)
 
 test-e2e: $(INSTALLED)  ## the end-to-end group alone (real SLURM daemons; needs root)
-	FLASHNET_REQUIRE_SLURM=1 $(PYTEST) -m e2e $(ALLOW_EMPTY)
+	FLASHNET_REQUIRE_SLURM=1 FLASHNET_REQUIRE_BROWSER=1 $(PYTEST) -m e2e $(ALLOW_EMPTY)
 
 install: $(INSTALLED)
 

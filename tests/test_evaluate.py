@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from flashnet import evaluate
-from flashnet.data.loader import center_crop_box, decode_crop, normalize
+from flashnet.data.transforms import center_crop_box, decode_crop, normalize
 from flashnet.data.shards import read_shard_samples
 from flashnet.data.sources import DataError
 from flashnet.train.callbacks import StopRequest
@@ -76,6 +76,19 @@ def test_evaluate_from_cli_writes_eval_json(trained, tiny_dataset, tmp_path):
     results = json.loads(out.read_text())
     assert results["samples"] == results["expected_samples"] == 40
     assert len(results["checkpoint_sha256"]) == 64 and results["wall_s"] > 0
+
+
+def test_evaluation_over_three_ddp_processes_gives_the_same_result(trained, tiny_dataset, tmp_path):
+    """Three local processes over gloo: the val shards dealt to ranks unevenly, so some ranks run
+    masked padding batches; the gathered counts must equal one process's, sample for sample."""
+    one, three = tmp_path / "one.json", tmp_path / "three.json"
+    evaluate.evaluate_from_cli(args_for(trained, tiny_dataset, one))
+    evaluate.evaluate_from_cli(argparse.Namespace(**{**vars(args_for(trained, tiny_dataset, three)), "devices": 3,
+                                                     "batch_size": 7}))
+    single, spread = json.loads(one.read_text()), json.loads(three.read_text())
+    assert spread["samples"] == single["samples"] == 40
+    for key in ("top1", "top5", "per_class_top1"):
+        assert spread[key] == single[key], key
 
 
 def test_unfinished_training_is_refused(trained, tiny_dataset, tmp_path):

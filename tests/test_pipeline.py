@@ -60,6 +60,25 @@ def test_gpu_runs_ask_for_their_devices(config):
     assert launcher["gpus_per_node"] == 4
 
 
+def test_slurm_refuses_a_run_whose_accelerator_is_left_to_the_node(config):
+    config["runs"]["big"] = {**config["runs"]["default"], "accelerator": "auto"}
+    with pytest.raises(cfg.ConfigError, match=r"runs\.big\.accelerator: auto cannot size a SLURM job"):
+        pipeline.train_launcher_json(config, "big", Resources(), "slurm")
+    with pytest.raises(cfg.ConfigError, match=r"runs\.big\.accelerator"):
+        pipeline.evaluate_launcher_json(config, "big", Resources(), "slurm")
+    assert json.loads(pipeline.train_launcher_json(config, "big", Resources(), "local"))["gpus_per_node"] == 0
+
+
+def test_presets_are_gpu_recipes(config):
+    """Presets are record recipes: under SLURM they ask for GPUs, one per process."""
+    presets = yaml.safe_load((ROOT / "config" / "presets.yaml").read_text())
+    config["runs"] = pipeline.expand_presets({"runs": {name: {"preset": name} for name in presets}}, ROOT)
+    validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    for name in presets:
+        launcher = json.loads(pipeline.train_launcher_json(config, name, Resources(), "slurm"))
+        assert launcher["gpus_per_node"] == config["runs"][name]["devices_per_node"], name
+
+
 def test_slurm_extra_that_is_not_an_option_is_refused():
     with pytest.raises(cfg.ConfigError, match="slurm_extra"):
         pipeline.parse_slurm_extra("qos=high")

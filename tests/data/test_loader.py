@@ -1,5 +1,5 @@
 """Tests of flashnet.data.loader: batch counts, resume determinism and exact-once val against the
-real shard format; the image ops against torchvision's own transforms.
+real shard format.
 
 The shards are made once per module by the project's own steps (sample data → index → write
 shards → manifest) from small generated images, so the loader reads exactly what training reads.
@@ -11,23 +11,14 @@ samples came out, and how often.
 from __future__ import annotations
 
 import dataclasses
-import io
 import pickle
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
-from scipy.stats import ks_2samp
-from torchvision import transforms
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-from flashnet.data import loader, sample, shards, sources
+from flashnet.data import loader, sample, shards, sources, tarfiles
 
 pytestmark = [
     # Three loader workers on this two-core machine are the point of some tests.
@@ -80,16 +71,6 @@ def data(tmp_path_factory) -> dict[str, Split]:
             "val": build_split(root / "images", root / "shards", "val", 4)}
 
 
-def drawn_jpeg(seed: int, min_side: int, max_side: int, mode: str = "jpeg") -> bytes:
-    spec = sample.SampleSpec(min_side=min_side, max_side=max_side)
-    cls = sample.sample_classes(spec)[seed % spec.classes]
-    return sample.encode(sample.draw_image(cls, np.random.default_rng([seed, 99]), spec), mode, 90)
-
-
-def torchvision_decode(jpeg: bytes, mode=ImageReadMode.RGB) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=mode)
-
-
 def mean_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().mean().item()
 
@@ -140,6 +121,19 @@ def test_resume_yields_the_tail_of_the_epoch(data, workers):
         spec = train_spec(data["train"], workers, start_batch=k)
         assert len(loader.TrainBatches(spec)) == STEPS
         assert_same_batches(train_batches(spec, workers), full[k:])
+
+
+def test_resume_skips_the_consumed_samples_without_decoding_them(data, monkeypatch):
+    decoded = []
+    real = loader.decode_crop
+
+    def counting(*args, **kwargs):
+        decoded.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "decode_crop", counting)
+    train_batches(train_spec(data["train"], 0, start_batch=STEPS - 2), 0)
+    assert len(decoded) == 2 * BATCH  # only the two batches trained after the resume
 
 
 def test_zero_and_one_worker_give_the_same_batches(data):
@@ -278,7 +272,7 @@ def test_only_jpg_and_cls_are_read(data, tmp_path):
     with wds.TarWriter(str(path), encoder=False) as writer:
         for key, (jpeg, label) in sorted(data["val"].samples.items())[:8]:
             writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode(), "pyd": trap})
-    assert [sorted(s) for s in loader.shard_samples(str(path))] == [["__key__", "cls", "jpg"]] * 8
+    assert [sorted(s) for s in tarfiles.shard_samples(str(path))] == [["__key__", "cls", "jpg"]] * 8
 
     trapped = Split((str(path),), (8,), {})
     for workers in (0, 2):
@@ -286,215 +280,6 @@ def test_only_jpg_and_cls_are_read(data, tmp_path):
         val = list(loader.val_loader(val_spec(trapped, rank=0, world_size=1, workers=workers)))
         assert sum(int(valid.sum()) for _, _, valid in val) == 8
     assert not marker.exists(), "the loader unpickled a field it should never have read"
-
-
-# --------------------------------------------------------------------------- shard reader
-
-
-def test_shard_samples_match_tarfile(data):
-    for path in data["train"].shards + data["val"].shards:
-        ours = [(s["__key__"], s["jpg"], s["cls"]) for s in loader.shard_samples(path)]
-        reference = [(key, fields["jpg"], fields["cls"]) for key, fields in shards.read_shard_samples(Path(path))]
-        assert ours == reference
-
-
-@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
-def test_shard_samples_read_long_names_and_skip_folders(tmp_path, tar_format):
-    """pax and GNU long-name headers, ustar's name prefix, a folder entry and a name without a
-    field are all handled as WebDataset groups them."""
-    folder = "a" * 60 + "/" + "b" * 60  # over tar's 100-byte name field
-    members = {f"{folder}/x01.jpg": b"J1", f"{folder}/x01.CLS": b"3", f"{folder}/x01.txt": b"unread",
-               "README": b"no field", "x02.jpg": b"J2", "x02.cls": b"4"}
-    path = tmp_path / "names.tar"
-    with tarfile.open(path, "w", format=tar_format) as tar:
-        directory = tarfile.TarInfo("somedir")
-        directory.type = tarfile.DIRTYPE
-        tar.addfile(directory)
-        for name, content in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    assert list(loader.shard_samples(str(path))) == [
-        {"__key__": f"{folder}/x01", "jpg": b"J1", "cls": b"3"},
-        {"__key__": "x02", "jpg": b"J2", "cls": b"4"},
-    ]
-
-
-def test_shard_samples_reject_damaged_shards(data, tmp_path):
-    raw = Path(data["val"].shards[0]).read_bytes()
-    damaged = bytearray(raw)
-    damaged[2 * 512 + 10] ^= 0xFF  # in the name of the second header (after the cls header and its data)
-    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
-    with pytest.raises(loader.ShardError, match="checksum"):
-        list(loader.shard_samples(str(tmp_path / "damaged.tar")))
-    (tmp_path / "cut.tar").write_bytes(raw[:512 * 3 + 100])  # cut inside the first jpg
-    with pytest.raises(loader.ShardError, match="cut short"):
-        list(loader.shard_samples(str(tmp_path / "cut.tar")))
-
-
-# --------------------------------------------------------------------------- crop boxes
-
-
-def box_statistics(boxes: np.ndarray, width: int, height: int) -> dict[str, np.ndarray]:
-    left, top, w, h = boxes.T.astype(float)
-    return {"area": w * h / (width * height), "log_aspect": np.log(w / h),
-            "centre_x": (left + w / 2) / width, "centre_y": (top + h / 2) / height}
-
-
-def test_random_resized_crop_box_stays_within_scale_ratio_and_image():
-    width, height, scale, ratio = 400, 300, (0.08, 1.0), (3 / 4, 4 / 3)
-    rng = np.random.default_rng(0)
-    boxes = np.array([loader.random_resized_crop_box(width, height, scale, rng) for _ in range(4000)])
-    left, top, w, h = boxes.T
-    assert (left >= 0).all() and (top >= 0).all() and (left + w <= width).all() and (top + h <= height).all()
-    # w and h are rounded to whole pixels, so area and aspect may pass the bounds by that much.
-    assert ((w + 0.5) * (h + 0.5) >= scale[0] * width * height).all()
-    assert ((w - 0.5) * (h - 0.5) <= scale[1] * width * height).all()
-    assert ((w + 0.5) / (h - 0.5) >= ratio[0]).all() and ((w - 0.5) / (h + 0.5) <= ratio[1]).all()
-
-
-def test_random_resized_crop_box_falls_back_to_the_largest_centred_crop():
-    rng = np.random.default_rng(0)
-    # A full-area crop never fits a 10:1 image within 3/4..4/3: centred 4:3 of the full height.
-    assert loader.random_resized_crop_box(1000, 100, (1.0, 1.0), rng) == (433, 0, 133, 100)
-    assert loader.random_resized_crop_box(100, 1000, (1.0, 1.0), rng) == (0, 433, 100, 133)
-    # An impossible area on an image whose own aspect is allowed: the whole image.
-    assert loader.random_resized_crop_box(400, 300, (2.0, 2.0), rng) == (0, 0, 400, 300)
-
-
-def test_random_resized_crop_box_draws_like_torchvision():
-    """Two-sample KS distance to torchvision's RandomResizedCrop.get_params, per statistic."""
-    width, height, n = 400, 300, 4000
-    rng = np.random.default_rng(1)
-    ours = np.array([loader.random_resized_crop_box(width, height, (0.08, 1.0), rng) for _ in range(n)])
-    torch.manual_seed(1)
-    image = torch.empty(3, height, width)
-    theirs = []
-    for _ in range(n):
-        top, left, h, w = transforms.RandomResizedCrop.get_params(image, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])
-        theirs.append((left, top, w, h))
-    ours_stats, theirs_stats = box_statistics(ours, width, height), box_statistics(np.array(theirs), width, height)
-    for name in ours_stats:
-        assert ks_2samp(ours_stats[name], theirs_stats[name]).statistic < 0.05, name
-
-
-@pytest.mark.parametrize("width,height", [(500, 375), (375, 500), (300, 300), (67, 225), (662, 698), (1000, 90)])
-@pytest.mark.parametrize("resize,size", [(256, 224), (73, 64), (36, 32)])
-def test_center_crop_box_is_the_region_torchvision_keeps(width, height, resize, size):
-    """Resize + CenterCrop applied to an image of pixel numbers: the kept corner says where the
-    crop starts in the resized image; the resized size says how resized pixels map back."""
-    resized = v2.Resize(resize, antialias=True)(torch.zeros(1, height, width))
-    resized_h, resized_w = resized.shape[1:]
-    numbers = torch.arange(resized_h * resized_w).reshape(1, resized_h, resized_w)
-    corner = int(v2.CenterCrop(size)(numbers)[0, 0, 0])
-    crop_top, crop_left = divmod(corner, resized_w)
-    kept_w, kept_h = min(size, resized_w), min(size, resized_h)
-    expected = (crop_left * width / resized_w, crop_top * height / resized_h,
-                kept_w * width / resized_w, kept_h * height / resized_h)
-    left, top, w, h = loader.center_crop_box(width, height, resize, size)
-    edges = (left, top, left + w, top + h)
-    expected_edges = (expected[0], expected[1], expected[0] + expected[2], expected[1] + expected[3])
-    assert max(abs(a - b) for a, b in zip(edges, expected_edges)) <= 0.5 + 1e-9, (edges, expected_edges)
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def test_dct_scale_leaves_the_last_factor_of_two_to_the_resize():
-    assert loader.dct_scale(100, 100, 224) == 8  # must be enlarged: full size
-    assert loader.dct_scale(895, 2000, 224) == 8
-    assert loader.dct_scale(896, 896, 224) == 4  # 1/2 leaves 448 = 2 x 224
-    assert loader.dct_scale(1792, 1800, 224) == 2
-    assert loader.dct_scale(3584, 4000, 224) == 1
-    assert loader.dct_scale(20000, 20000, 224) == 1  # 1/8 is the smallest there is
-
-
-def reference_crop(jpeg: bytes, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """torchvision: full-size decode, then resized_crop with antialias; HWC."""
-    left, top, w, h = box
-    return TF.resized_crop(torchvision_decode(jpeg), top, left, h, w, [size, size], antialias=True).permute(1, 2, 0)
-
-
-def test_decode_crop_is_close_to_torchvision_at_every_dct_scale():
-    """Mean absolute difference, in grey levels, to a full decode + antialiased resize. Boxes on the
-    DCT block grid isolate the decoder and the filters (< 2 levels at every scale). Random boxes add
-    the snap of a reduced decode's box to its coarser pixel grid: at most 1/4 of an output pixel
-    (the reducing gap is 2), which this texture (a random colour field every 32 px, near the
-    Nyquist frequency of the smallest outputs) turns into 3-4 levels at 1/8 scale."""
-    jpeg = drawn_jpeg(3, 600, 640)
-    height, width, _, _ = loader.simplejpeg.decode_jpeg_header(jpeg)
-    rng = np.random.default_rng(0)
-    for size, eighths, bound in ((128, 8, 2), (100, 4, 3), (56, 2, 3), (32, 1, 4)):
-        side = 8 * 2 * size // eighths if eighths < 8 else 320  # the smallest crop at that scale
-        aligned = (8, 16, side + 16, side + 8)
-        assert aligned[0] + aligned[2] <= width and aligned[1] + aligned[3] <= height
-        assert loader.dct_scale(aligned[2], aligned[3], size) == eighths
-        assert mean_abs_difference(loader.decode_crop(jpeg, aligned, size), reference_crop(jpeg, aligned, size)) < 2
-        differences = []
-        while len(differences) < 10:
-            box = loader.random_resized_crop_box(width, height, (0.08, 1.0), rng)
-            if loader.dct_scale(box[2], box[3], size) == eighths:
-                differences.append(mean_abs_difference(loader.decode_crop(jpeg, box, size),
-                                                       reference_crop(jpeg, box, size)))
-        assert np.mean(differences) < bound, (eighths, differences)
-
-
-def test_decode_crop_never_enlarges_a_reduced_decode(monkeypatch):
-    """Spy on the resize: whenever the crop reaching it is smaller than the box (a DCT-scaled
-    decode), it still has at least twice the output size each way."""
-    jpeg = drawn_jpeg(4, 600, 640)
-    height, width, _, _ = loader.simplejpeg.decode_jpeg_header(jpeg)
-    crops = []
-    interpolate = torch.nn.functional.interpolate
-
-    def spy(input, *args, **kwargs):
-        crops.append(tuple(input.shape[-2:]))
-        return interpolate(input, *args, **kwargs)
-
-    monkeypatch.setattr(loader.F, "interpolate", spy)
-    rng = np.random.default_rng(0)
-    reduced = 0
-    for size in (16, 32, 64, 112):
-        for _ in range(30):
-            left, top, w, h = loader.random_resized_crop_box(width, height, (0.08, 1.0), rng)
-            loader.decode_crop(jpeg, (left, top, w, h), size)
-            crop_h, crop_w = crops[-1]
-            eighths = loader.dct_scale(w, h, size)
-            assert abs(crop_w - w * eighths / 8) <= 1 and abs(crop_h - h * eighths / 8) <= 1
-            if eighths < 8:
-                reduced += 1
-                assert min(crop_w, crop_h) >= 2 * size
-    assert reduced > 30  # the scaled path was exercised
-
-
-def test_decode_crop_flip_mirrors_the_crop():
-    jpeg = drawn_jpeg(1, 120, 160)
-    box = (10, 7, 90, 80)
-    assert torch.equal(loader.decode_crop(jpeg, box, 48, flip=True), loader.decode_crop(jpeg, box, 48).flip(1))
-
-
-def test_decode_crop_handles_greyscale_jpegs():
-    jpeg = drawn_jpeg(2, 200, 240, mode="grey")
-    assert Image.open(io.BytesIO(jpeg)).mode == "L"
-    box = (20, 30, 150, 120)
-    out = loader.decode_crop(jpeg, box, 64)
-    assert out.shape == (64, 64, 3) and out.dtype == torch.uint8
-    assert torch.equal(out[..., 0], out[..., 1]) and torch.equal(out[..., 0], out[..., 2])
-    grey = torchvision_decode(jpeg, ImageReadMode.GRAY)
-    reference = TF.resized_crop(grey, box[1], box[0], box[3], box[2], [64, 64], antialias=True)[0]
-    assert mean_abs_difference(out[..., 0], reference) < 2
-
-
-def test_normalize_values_and_layout():
-    images = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8).expand(2, 3, 5, 3).contiguous()  # NHWC
-    mean, std = np.array(loader.IMAGENET_MEAN), np.array(loader.IMAGENET_STD)
-    expected = (np.array([0, 128, 255]) / 255 - mean) / std  # per channel
-    for memory_format in (torch.channels_last, torch.contiguous_format):
-        x = loader.normalize(images, memory_format)
-        assert x.shape == (2, 3, 3, 5) and x.dtype == torch.float32
-        assert x.is_contiguous(memory_format=memory_format)
-        for channel in range(3):
-            assert torch.allclose(x[:, channel], torch.tensor(expected[channel], dtype=torch.float32), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- decoding on the device

@@ -4,6 +4,8 @@ input, verification that notices damage, and conversion jobs that survive being 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -119,17 +121,6 @@ def test_shards_are_the_bytes_tarfile_writes(official_results):
                 info.size, info.mtime, info.mode, info.uname, info.gname = len(fields[extension]), 0, 0o444, "", ""
                 tar.addfile(info, io.BytesIO(fields[extension]))
     assert buffer.getvalue() == path.read_bytes()
-
-
-def test_long_and_non_ascii_keys_get_tarfiles_extended_headers(tmp_path):
-    keys = ["k" * 95, "k" * 120, "clé_ünïcode", "n01440764_10026"]
-    shard = shards.ShardFile(tmp_path / "odd.tar")
-    for key in keys:
-        shard.add(key, {"jpg": key.encode() * 3, "cls": b"7"})
-    shard.finish()
-    assert shard.size % tarfile.RECORDSIZE == 0 == (tmp_path / "odd.tar").stat().st_size - shard.size
-    assert [(key, fields) for key, fields in shards.read_shard_samples(tmp_path / "odd.tar")] == \
-        [(key, {"cls": b"7", "jpg": key.encode() * 3}) for key in keys]
 
 
 def test_gnu_tar_reads_the_shards(official_results):
@@ -541,6 +532,33 @@ def test_journal_line_cut_short_by_a_kill_is_dropped_and_later_lines_count(offic
     assert rewrites == ["train-000001.tar"], "the record after the torn line must be read"
     lines = journal_path(run, "train", 0).read_text().splitlines()
     assert all(json.loads(line) for line in lines)
+
+
+def test_a_second_job_of_a_part_waits_for_the_first_and_rewrites_nothing(official_results, sample_root, stage,
+                                                                        rewrites, monkeypatch):
+    """A rerun's job of a part that a killed Snakemake's job still converts (its lock held) waits,
+    then finds every shard in the journal."""
+    run = stage(sample_root / "official")
+    run.index("train")
+    lock_path = run.part_paths("train")[0].with_name("0.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first job, mid-part
+        second = subprocess.Popen(
+            [sys.executable, "-m", "flashnet", "write-shards", str(run.index_path("train")), "--part", "0",
+             "--parts", str(run.parts), "--out", str(run.part_paths("train")[0]), "--quality", str(run.quality)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        waiting = second.stdout.readline()
+        assert "another job is converting this part; waiting for it to end" in waiting, waiting
+        assert second.poll() is None and not list(run.shard_dir("train").glob("*.tar"))
+        with monkeypatch.context() as first_job:  # it holds the lock already (above)
+            first_job.setattr(shards, "_part_lock", lambda path: contextlib.nullcontext())
+            run.write("train", part=0)
+    first = {p.name: identity(p) for p in run.shard_dir("train").glob("*.tar")}
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, output
+    assert rewrites == ["train-000000.tar", "train-000001.tar"]  # the first job's, in this process
+    assert {p.name: identity(p) for p in run.shard_dir("train").glob("*.tar")} == first
 
 
 def test_a_journal_made_with_other_settings_does_not_skip(official_results, sample_root, stage, rewrites):

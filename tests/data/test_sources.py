@@ -206,6 +206,23 @@ def devkit_without_ground_truth(data_dir: Path, kit) -> None:
     (data_dir / sources.OFFICIAL_DEVKIT).write_bytes(gzip.compress(archive))
 
 
+def devkit_with_garbage_meta_mat(data_dir: Path, kit) -> None:
+    """A meta.mat that is not a MATLAB file at all (scipy raises its own errors on it)."""
+    official = kit.read_official(data_dir)
+    truth = "\n".join(str(i) for i in official.truth).encode()
+    archive = kit.tar_bytes([(sources.DEVKIT_META, b"MATLAB 5.0 MAT-file" + bytes(200)),
+                             (sources.DEVKIT_VAL_TRUTH, truth)])
+    (data_dir / sources.OFFICIAL_DEVKIT).write_bytes(gzip.compress(archive))
+
+
+def not_utf8(relative: str):
+    def edit(data_dir: Path, kit) -> None:
+        path = data_dir / relative
+        path.write_bytes(b"\xff\xfe" + path.read_bytes())
+
+    return edit
+
+
 def remove(relative: str):
     def edit(data_dir: Path, kit) -> None:
         path = data_dir / relative
@@ -326,6 +343,9 @@ BAD_INPUTS = {
         "official", "train", corrupt_devkit, [sources.OFFICIAL_DEVKIT, "unreadable devkit archive"]),
     "official devkit without the ground truth": (
         "official", "val", devkit_without_ground_truth, [sources.OFFICIAL_DEVKIT, "missing", "ground_truth.txt"]),
+    "official devkit whose meta.mat is no MATLAB file": (
+        "official", "train", devkit_with_garbage_meta_mat,
+        [sources.OFFICIAL_DEVKIT, "data/meta.mat has no usable synsets table"]),
     "official layout missing its devkit": (
         "official", "train", remove(sources.OFFICIAL_DEVKIT), ["official layout is missing", sources.OFFICIAL_DEVKIT]),
     "extracted val folder of an unknown WNID": (
@@ -355,6 +375,10 @@ BAD_INPUTS = {
         ["ILSVRC/Data/CLS-LOC/train/n09999999", "unknown WNID", "LOC_synset_mapping.txt"]),
     "kaggle synset mapping with a non-WNID": (
         "kaggle", "train", edit_text(sources.KAGGLE_SYNSETS, "n0", "x0"), ["LOC_synset_mapping.txt:1", "not a WNID"]),
+    "kaggle synset mapping that is not UTF-8 text": (
+        "kaggle", "train", not_utf8(sources.KAGGLE_SYNSETS), ["LOC_synset_mapping.txt: unreadable", "utf-8"]),
+    "kaggle val solution that is not UTF-8 text": (
+        "kaggle", "val", not_utf8(sources.KAGGLE_VAL_SOLUTION), ["LOC_val_solution.csv: unreadable", "utf-8"]),
     "kaggle layout missing its val solution": (
         "kaggle", "val", remove(sources.KAGGLE_VAL_SOLUTION), ["Kaggle layout is missing", "LOC_val_solution.csv"]),
 }

@@ -228,6 +228,32 @@ class SlurmCluster:
         return f"--- tail of {path} ---\n" + "\n".join(text)
 
 
+CLUSTER_DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
+
+
+def machine_state() -> dict[str, object]:
+    """What the cluster scripts touch and must leave as they found it."""
+    def lines(*cmd: str) -> list[str]:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+    return {
+        "/etc/hosts": Path("/etc/hosts").read_bytes(),
+        "network interfaces": [line.split(":")[1].split("@")[0].strip() for line in lines("ip", "-o", "link")],
+        "network namespaces": lines("ip", "netns", "list"),
+        "/run/netns exists": Path("/run/netns").exists(),
+        "daemons": {name: [pid for pid in lines("pgrep", "-x", name) if _alive(pid)] for name in CLUSTER_DAEMONS},
+    }
+
+
+def _alive(pid: str) -> bool:
+    """Running, not a zombie: this machine's init reaps the stopped daemons some seconds late."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _skip_or_fail(reason: str) -> None:
     if os.environ.get("FLASHNET_REQUIRE_SLURM") == "1":
         pytest.fail(f"FLASHNET_REQUIRE_SLURM=1 but {reason}", pytrace=False)
@@ -250,14 +276,21 @@ def slurm_cluster(request, tmp_path_factory):
     state_dir = Path(os.environ.get("FLASHNET_SLURM_DIR", "/tmp/flashnet-slurm"))
     script_env["FLASHNET_SLURM_DIR"] = str(state_dir)
 
+    # A cluster left up on purpose (FLASHNET_SLURM_KEEP=1) by an earlier session is not "as found".
+    before = None if (state_dir / "env.sh").exists() else machine_state()
+
     def down() -> None:
         if os.environ.get("FLASHNET_SLURM_KEEP") == "1":
             print(f"\nFLASHNET_SLURM_KEEP=1: leaving the cluster in {state_dir} up")
             return
         proc = _run_script("slurm-down.sh", env=script_env)
-        if proc.returncode != 0:
-            # Teardown must not mask the test result, but must be visible.
-            print(f"\nslurm-down.sh failed:\n{_describe(proc)}", file=sys.stderr)
+        assert proc.returncode == 0, f"slurm-down.sh failed\n{_describe(proc)}"
+        assert not state_dir.exists(), f"slurm-down.sh left {state_dir}"
+        if before is not None:
+            after = machine_state()
+            changed = [key for key in before if before[key] != after[key]]
+            assert not changed, "the cluster scripts did not leave the machine as they found it: " + "; ".join(
+                f"{key}: {before[key]!r} -> {after[key]!r}" for key in changed)
 
     try:
         t0 = time.monotonic()
@@ -265,6 +298,10 @@ def slurm_cluster(request, tmp_path_factory):
         if proc.returncode != 0:
             pytest.fail(f"slurm-up.sh failed\n{_describe(proc)}", pytrace=False)
         print(f"\nslurm-up.sh took {time.monotonic() - t0:.1f}s")
+        # Run twice, it finds its healthy cluster and keeps it.
+        again = _run_script("slurm-up.sh", env=script_env)
+        if again.returncode != 0:
+            pytest.fail(f"slurm-up.sh failed when run a second time\n{_describe(again)}", pytrace=False)
 
         cluster_env = _read_env_sh(state_dir / "env.sh")
         removed = tuple(k for k in os.environ

@@ -220,9 +220,27 @@ def check_run(workflow: Workflow) -> None:
 
 
 def check_report(results: Path) -> None:
+    """The report's summary row carries the run's own figures: eval.json's accuracy and sample
+    count, summary.json's steps and time, metrics.csv's epochs and time to target."""
     html = results / "report" / "report.html"
     assert html.stat().st_size > 10_000
     assert RUN in (results / "report" / "summary.md").read_text()
+    with open(results / "report" / "summary.csv", newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r["run"] == RUN]
+    run_dir = results / "runs" / RUN
+    evaluation, result, rows = json.loads((run_dir / "eval.json").read_text()), summary(run_dir), metrics(run_dir)
+    assert float(row["final_top1"]) == evaluation["top1"] and float(row["final_top5"]) == evaluation["top5"]
+    assert int(row["eval_samples"]) == evaluation["samples"]
+    assert int(row["steps"]) == result["steps"] == int(rows[-1]["step"])
+    assert float(row["epochs"]) == float(rows[-1]["epoch"])
+    assert abs(float(row["train_seconds"]) - result["train_seconds"]) < 0.01
+    if result["time_to_target_s"] is None:
+        assert row["time_to_target_s"] == ""
+    else:  # the wall time of the first epoch whose validation reached the target
+        (first,) = [r for r in rows if abs(float(r["wall_s"]) - result["time_to_target_s"]) < 0.01]
+        assert float(row["time_to_target_s"]) == result["time_to_target_s"]
+        assert float(first["val_top1"]) >= float(row["target_top1"]) - 1e-4
+        assert all(float(r["val_top1"]) < float(row["target_top1"]) + 1e-4 for r in rows[:rows.index(first)])
 
 
 def model_weights(run_dir: Path) -> dict[str, Any]:

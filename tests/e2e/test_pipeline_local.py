@@ -5,6 +5,7 @@ submitit's local executor, evaluation, report."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from helpers import (REPO, TINY_CONFIG, Workflow, check_report, check_run, check_shards, describe, dry_run_jobs,
                      expected_jobs)
@@ -94,3 +95,16 @@ def test_snakemakes_own_report(local_run, tmp_path):
     errors = [p for p in seen["problems"] if not p.startswith(("console.warning", "log warning"))]
     assert errors == []
     assert "Snakemake" in seen["dom"] and "flashnet" in seen["dom"]
+    assert "global batch" in seen["dom"]  # the workflow description lists the runs
+
+
+def test_the_shipped_default_runs_end_to_end(tmp_path):
+    """What `make run` runs: config/config.yaml as shipped (10 generated classes, the `default` run),
+    with the local profile, in a folder of its own."""
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    workflow = Workflow.create(tmp_path / "default", shipped)
+    proc = workflow.snakemake("--profile", PROFILE)
+    assert proc.returncode == 0, describe(proc)
+    check_shards(workflow.results)
+    check_run(workflow)
+    check_report(workflow.results)

@@ -97,8 +97,11 @@ def test_every_report_output_has_a_short_caption():
 def test_captions_render_with_the_config():
     """Snakemake renders captions as Jinja templates with ``snakemake.config``; they must render."""
     jinja2 = pytest.importorskip("jinja2")
-    config = {"data_dir": "resources/sample-imagenet",
-              "report": {"projection_devices": 2048, "projection_epochs": 90, "link_gbps": 100, "link_latency_us": 5}}
+    config = {"data_dir": "resources/sample-imagenet", "results_dir": "results",
+              "report": {"projection_devices": 2048, "projection_epochs": 90, "link_gbps": 100, "link_latency_us": 5},
+              "runs": {"lars-b256": {"model": "resnet18", "image_size": 48, "batch_size": 256, "optimizer": "lars",
+                                     "lr": 2.0, "epochs": 10, "precision": "32-true", "nodes": 2,
+                                     "devices_per_node": 1, "accelerator": "cpu"}}}
     snakemake = types.SimpleNamespace(config=config)
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
     rendered = environment.from_string((REPO / "workflow/report/projection.rst").read_text()).render(
@@ -107,6 +110,8 @@ def test_captions_render_with_the_config():
     rendered = environment.from_string((REPO / "workflow/report/workflow.rst").read_text()).render(
         snakemake=snakemake)
     assert "resources/sample-imagenet" in rendered
+    assert "- ``lars-b256``: resnet18 at 48 px, global batch\n  256, lars at peak LR 2.0," in rendered
+    assert "2 node(s) ×\n  1 device(s) (cpu)." in rendered
 
 
 @pytest.mark.parametrize("values, wide", [([40.0, 53.0], False), ([40.0, 11000.0], True), ([0.0, 5.0], False)])

@@ -4,7 +4,6 @@ running when its waiting process is stopped."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -91,3 +90,30 @@ def test_stopping_the_waiting_process_cancels_the_job(tmp_path):
         time.sleep(0.2)
     assert not Path(f"/proc/{job_id}").exists() or b"submitit" not in Path(f"/proc/{job_id}/cmdline").read_bytes()
     assert not (tmp_path / launch.ACTIVE_JOB).exists()
+
+
+class LosesFirstCancel:
+    """A SLURM job whose first scancel is lost (it stays pending), as seen after a NODE_FAIL."""
+
+    job_id = "13"
+
+    def __init__(self):
+        self.cancels = 0
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancels += 1
+
+
+def test_a_lost_scancel_is_repeated_until_the_job_is_cancelled(monkeypatch):
+    job = LosesFirstCancel()
+    monkeypatch.setattr(launch, "slurm_job_state", lambda job_id: "CANCELLED" if job.cancels >= 2 else "PENDING")
+    assert launch.cancel_slurm_job(job, timeout_s=5, poll_s=0.01) == "CANCELLED"
+    assert job.cancels == 2
+
+
+def test_a_job_that_will_not_cancel_is_reported_not_waited_for_forever(monkeypatch):
+    job = LosesFirstCancel()
+    monkeypatch.setattr(launch, "slurm_job_state", lambda job_id: "PENDING")
+    assert launch.cancel_slurm_job(job, timeout_s=0.05, poll_s=0.01) == "PENDING"
+    assert job.cancels >= 2
+

@@ -11,8 +11,9 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
+from flashnet.config import ConfigError, RunConfig
 from flashnet.train.callbacks import NonFiniteLoss, Preempted, StopRequest
-from flashnet.train.recipe import TrainSpec, train
+from flashnet.train.recipe import TrainSpec, resolve_accelerator, train
 
 
 
@@ -116,6 +117,41 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(tiny_dataset, tmp_path):
     spec = make_spec(tiny_dataset, tmp_path, optimizer="sgd", lr=1e6, warmup_epochs=0.1, log_every_steps=1)
     with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
         train(spec, None, StopRequest())
+
+
+def test_nonfinite_loss_between_checks_fails_at_the_epoch_end(tiny_dataset, tmp_path):
+    """No check step falls inside the run: the epoch-end check still catches it, before the
+    resume checkpoint is overwritten."""
+    spec = make_spec(tiny_dataset, tmp_path, optimizer="sgd", lr=1e6, warmup_epochs=0.1, epochs=1,
+                     log_every_steps=10_000, checkpoint_every_steps=10_000)
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+        train(spec, None, StopRequest())
+    assert not spec.checkpoint.exists()
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ({"accelerator": "gpu"}, "accelerator: gpu, but this node has no CUDA device"),
+    ({"accelerator": "auto", "precision": "16-mixed"}, "precision: 16-mixed needs a GPU"),
+    ({"accelerator": "auto", "decode_device": "cuda"}, "decode_device: cuda needs a GPU"),
+])
+def test_the_job_refuses_what_its_node_cannot_do(overrides, error, tiny_run):
+    if torch.cuda.is_available():
+        pytest.skip("checks what a node without CUDA refuses")
+    with pytest.raises(ConfigError, match=error):
+        resolve_accelerator(RunConfig.from_dict(tiny_run(**overrides)))
+    assert resolve_accelerator(RunConfig.from_dict(tiny_run(accelerator="auto"))) == "cpu"
+
+
+def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch, tiny_run):
+    """A V100 emulates bf16: torch.cuda.is_bf16_supported() says yes unless asked about hardware."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    run = RunConfig.from_dict(tiny_run(accelerator="gpu", precision="bf16-mixed"))
+    with pytest.raises(ConfigError, match="bf16-mixed is not supported by Tesla V100"):
+        resolve_accelerator(run)
+    assert resolve_accelerator(RunConfig.from_dict(tiny_run(accelerator="gpu", precision="16-mixed"))) == "gpu"
 
 
 def test_summary_is_json_with_versions(finished_run):

@@ -19,9 +19,10 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import ConfigError, LauncherConfig, RunConfig
-from .data.loader import ValSpec, normalize, shard_paths, val_loader
+from .data.loader import ValSpec, shard_paths, val_loader
 from .data.shards import sha256_file, verify_manifest
 from .data.sources import DataError
+from .data.transforms import normalize
 from .train import launch
 from .train.module import IGNORED, build_model
 from .train.recipe import MODEL_FORMAT, resolve_accelerator

@@ -135,15 +135,27 @@ def launcher_json(config: dict[str, Any], resources: Any, executor: str | None, 
 
 
 def train_launcher_json(config: dict[str, Any], run: str, resources: Any, executor: str | None) -> str:
-    settings = run_config(config, run)
+    settings = cluster_run_config(config, run, executor)
     gpus = settings.devices_per_node if settings.accelerator == "gpu" else 0
     return launcher_json(config, resources, executor, gpus)
 
 
 def evaluate_launcher_json(config: dict[str, Any], run: str, resources: Any, executor: str | None) -> str:
-    settings = run_config(config, run)
+    settings = cluster_run_config(config, run, executor)
     gpus = config["evaluate"]["devices"] if settings.accelerator == "gpu" else 0
     return launcher_json(config, resources, executor, gpus)
+
+
+def cluster_run_config(config: dict[str, Any], run: str, executor: str | None) -> cfg.RunConfig:
+    """The run's settings, refused if SLURM would get a job it cannot size: the GPUs a job asks for
+    are fixed when it is queued, so ``accelerator: auto`` (decided on the node) would ask for none
+    and leave a GPU recipe on the node's CPU."""
+    settings = run_config(config, run)
+    if resolve_cluster(config, executor) == "slurm" and settings.accelerator == "auto":
+        raise cfg.ConfigError(
+            f"runs.{run}.accelerator: auto cannot size a SLURM job (its GPUs are requested when it is "
+            "queued); set gpu (devices_per_node GPUs on each node) or cpu")
+    return settings
 
 
 def executor_name(workflow: Any) -> str | None:

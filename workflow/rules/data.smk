@@ -45,7 +45,9 @@ rule index_split:
 
 rule write_shards:
     input:
-        f"{RESULTS}/shards/{{split}}/index.json",
+        index=f"{RESULTS}/shards/{{split}}/index.json",
+        # Both splits indexed (and so checked) first: bad input fails before any shard is written.
+        checked=expand(f"{RESULTS}/shards/{{split}}/index.json", split=pipeline.SPLITS),
     output:
         f"{RESULTS}/shards/{{split}}/parts/{{part}}.json",
     log:
@@ -61,7 +63,7 @@ rule write_shards:
         runtime=240,
         mem_mb=4000,
     shell:
-        "flashnet write-shards {input:q} --part {wildcards.part} --parts {params.parts} {params.options}"
+        "flashnet write-shards {input.index:q} --part {wildcards.part} --parts {params.parts} {params.options}"
         " --out {output:q} > {log:q} 2>&1"
 
 

@@ -37,14 +37,12 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import io
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +60,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from flashnet.data import loader, sample, shards, sources
+from flashnet.bench import import_data_module_copy
 from flashnet.machine import cpu_model
 
 SAMPLES_PER_SHARD = 100
@@ -178,19 +177,10 @@ CANDIDATE, BASELINE = "flashnet shards", "torchvision folder"
 Pipeline = Callable[[BenchData, argparse.Namespace, int], Iterable]
 
 
-def load_module(path: Path) -> ModuleType:
-    """Import a file as a module of its own (another version of the loader)."""
-    spec = importlib.util.spec_from_file_location(f"flashnet_bench_also_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def pipelines(args: argparse.Namespace) -> dict[str, Pipeline]:
     found = {CANDIDATE: functools.partial(flashnet_batches, loader), BASELINE: torchvision_batches}
     for path in args.also:
-        found[f"{CANDIDATE} ({path.name})"] = functools.partial(flashnet_batches, load_module(path))
+        found[f"{CANDIDATE} ({path.name})"] = functools.partial(flashnet_batches, import_data_module_copy(path))
     return found
 
 

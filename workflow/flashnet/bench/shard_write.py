@@ -41,7 +41,6 @@ import argparse
 import cProfile
 import ctypes
 import datetime
-import importlib.util
 import io
 import json
 import math
@@ -67,6 +66,7 @@ import simplejpeg
 from PIL import features
 
 from flashnet.data import sample, shards, sources
+from flashnet.bench import import_data_module_copy
 from flashnet.machine import cpu_model
 
 INPUT_SIDES = (300, 500)
@@ -124,17 +124,6 @@ def read_all(data_dir: Path, index: sources.SplitIndex) -> int:
     for name in index.files:
         total += len((data_dir / name).read_bytes())
     return total
-
-
-def load_shards_module(path: Path):
-    """Another copy of shards.py, imported inside the flashnet.data package so that its relative
-    imports resolve."""
-    name = f"flashnet.data._bench_{path.stem.replace('-', '_').replace('.', '_')}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- timing
@@ -414,7 +403,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     index = sources.index_split(data_dir, "train")
     shards.save_index(shards.shuffled(index, 0), data_dir, args.samples_per_shard, 0, index_path)
     plan = shards.load_plan(index_path)
-    others = {f"write_part ({path.name})": load_shards_module(path) for path in args.also}
+    others = {f"write_part ({path.name})": import_data_module_copy(path) for path in args.also}
     env = environment(workdir)
     total_bytes = read_all(data_dir, index)
     # Warm-up, untimed: imports, code paths and the page cache of everything the writer touches.

@@ -16,22 +16,21 @@ the crop still covers twice the output size there), cropped and resized with ant
 interpolation on uint8, and flipped; batches are uint8 NHWC. Normalisation happens on the device.
 With ``decode_device: cuda`` the workers only pick the crops and the JPEGs are decoded by nvJPEG.
 
-The shards are read by a small tar reader of our own (a stage in the WebDataset pipelines) instead
-of ``wds.tarfile_to_samples``, whose Python ``tarfile`` parsing cost ~130 µs of CPU per sample,
-~15 % of a worker's time; ours takes ~25 µs. Only the ``jpg`` and ``cls`` fields are read; other
-fields are skipped unread, so nothing from a shard is ever unpickled.
+The shards are read by the tar reader of :mod:`.tarfiles` (a stage in the WebDataset pipelines)
+instead of ``wds.tarfile_to_samples``, at a fifth of its CPU time; only the ``jpg`` and ``cls``
+fields are read, so nothing from a shard is ever unpickled. The image operations live in
+:mod:`.transforms`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 import random
 import signal
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import simplejpeg
@@ -40,95 +39,11 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .tarfiles import shard_samples
+from .transforms import center_crop_box, decode_crop, random_resized_crop_box
 
 
 # --------------------------------------------------------------------------- shard reading
-
-TAR_BLOCK = 512
-READ_FIELDS = frozenset({"jpg", "cls"})
-_ZERO_BLOCK = bytes(TAR_BLOCK)
-
-
-class ShardError(ValueError):
-    """A shard that is not a readable tar of samples; the message names the shard."""
-
-
-def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256, for sizes past 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``"<length> <key>=<value>\\n"`` records of a pax extended header."""
-    records, position = {}, 0
-    while position < len(data) and data[position] != 0:
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        key, _, value = data[space + 1:position + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
-        position += length
-    return records
-
-
-def tar_members(f: BinaryIO, path: str) -> Iterator[tuple[str, int]]:
-    """(name, size) of each regular file of the tar ``f``, with ``f`` at the start of its data; the
-    consumer reads as much of it as it wants, and the next member is found from the header's own
-    position. Knows the ustar, GNU long-name and pax headers Python's tarfile (which writes the
-    shards) emits; other entries (folders, links) are skipped."""
-    long_name, pax = None, {}
-    while True:
-        start = f.tell()
-        header = f.read(TAR_BLOCK)
-        if len(header) < TAR_BLOCK or header == _ZERO_BLOCK:
-            if header.strip(b"\0"):
-                raise ShardError(f"{path}: truncated tar header at byte {start}")
-            return
-        # The checksum counts its own 8-byte field as spaces (0x20 each).
-        if sum(header) - sum(header[148:156]) + 8 * 0x20 != _tar_number(header[148:156]):
-            raise ShardError(f"{path}: bad tar header checksum at byte {start}")
-        size, kind = _tar_number(header[124:136]), header[156:157]
-        data_start = start + TAR_BLOCK
-        if kind == b"x":
-            pax = _pax_records(f.read(size))
-        elif kind == b"L":
-            long_name = f.read(size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif kind in (b"0", b"\0", b"7"):
-            name = header[:100].split(b"\0", 1)[0]
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-            name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
-            size = int(pax.get("size", size))
-            yield pax.get("path", long_name or name), size
-            long_name, pax = None, {}
-        f.seek(data_start + size + (-size % TAR_BLOCK))
-
-
-def shard_samples(path: str) -> Iterator[dict]:
-    """The samples of one shard, in order: ``{"__key__", "jpg", "cls"}``. Files are grouped into
-    samples as WebDataset does (key = the name up to the first dot of its last part, field = the
-    rest, lower-cased); fields other than ``jpg`` and ``cls`` are never read."""
-    sample = None
-    with open(path, "rb") as f:
-        for name, size in tar_members(f, path):
-            folder, slash, base = name.rpartition("/")
-            stem, dot, field = base.partition(".")
-            if not dot:
-                continue
-            key, field = folder + slash + stem, field.lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            if field in sample:
-                raise ShardError(f"{path}: sample {key} has two {field!r} files")
-            if field in READ_FIELDS:
-                sample[field] = f.read(size)
-                if len(sample[field]) != size:
-                    raise ShardError(f"{path}: {name} is cut short ({len(sample[field])} of {size} bytes)")
-    if sample is not None:
-        yield sample
 
 
 def _tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
@@ -136,126 +51,6 @@ def _tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
     for local files, at a fifth of the CPU time)."""
     for source in sources:
         yield from shard_samples(source["url"])
-
-
-# --------------------------------------------------------------------------- image ops
-
-
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(left, top, crop width, crop height) as torchvision's RandomResizedCrop draws it: up to ten
-    tries at a random area fraction in ``scale`` and log-uniform aspect ratio in ``ratio``, else the
-    largest centred crop within ``ratio``."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def _kept_span(original: int, resized: int, size: int) -> tuple[int, int]:
-    """(start, length) in original pixels of the ``size`` centre pixels of an axis resized from
-    ``original`` to ``resized`` pixels, offset as CenterCrop does (``round((resized - size) / 2)``)."""
-    if size >= resized:  # CenterCrop pads instead of cropping: the whole axis is kept
-        return 0, original
-    offset = round((resized - size) / 2)
-    start = round(offset * original / resized)
-    end = min(original, round((offset + size) * original / resized))
-    return start, max(1, end - start)
-
-
-def center_crop_box(width: int, height: int, resize: int, size: int) -> tuple[int, int, int, int]:
-    """The region of the original that torchvision's ``Resize(resize)`` then ``CenterCrop(size)``
-    keeps, to the nearest pixel. Resize truncates the longer side to ``int(resize · long / short)``,
-    so the two axes' scales differ slightly; at eval sizes like 73 that moves an edge by >1 %."""
-    short, long = min(width, height), max(width, height)
-    resized_long = int(resize * long / short)
-    resized_w, resized_h = (resize, resized_long) if width <= height else (resized_long, resize)
-    left, w = _kept_span(width, resized_w, size)
-    top, h = _kept_span(height, resized_h, size)
-    return left, top, w, h
-
-
-# libjpeg-turbo has SIMD inverse DCTs for full size and for 1/2, 1/4 and 1/8 scaling; its 5/8, 6/8
-# and 7/8 scales run plain-C IDCTs and decode *slower* than full size (CPU time on 300–500 px JPEGs,
-# docs/benchmarks/loader.md: 1.4x, 1.6x, 1.8x the full-size time; 1/2 and 3/8 0.93x, 1/4 0.76x,
-# 1/8 0.64x). Picking the smallest n/8 that covers the crop, as this did before, made the train
-# pipeline 1.19x slower at 224 px from 300–500 px images.
-FAST_DCT_SCALES = (1, 2, 4)  # in eighths, smallest first
-# A scaled decode averages over the JPEG's blocks, and its box snaps to the coarser pixel grid.
-# Leaving the last factor of two or more to the antialiased resize (Pillow's ``reducing_gap`` makes
-# the same trade) keeps both small: on random crops of the textured test drawings, the mean
-# difference to a full-size decode + resize was 1.6 / 2.1 / 2.6 grey levels at 1/2 / 1/4 / 1/8
-# scale, against 2.0 / 2.3 / 3.9 when decoding right down to the output size (full size: 1.0,
-# from the fast IDCT).
-DCT_REDUCING_GAP = 2
-
-
-def dct_scale(crop_width: int, crop_height: int, size: int) -> int:
-    """The decode scale in eighths: the smallest of :data:`FAST_DCT_SCALES` at which the crop still
-    has ``DCT_REDUCING_GAP`` × ``size`` pixels each way, else 8 (full size, also for crops smaller
-    than ``size``). So a decode is never smaller than the output needs."""
-    least = 8 * DCT_REDUCING_GAP * size
-    for eighths in FAST_DCT_SCALES:
-        if crop_width * eighths >= least and crop_height * eighths >= least:
-            return eighths
-    return 8
-
-
-def decode_crop(jpeg: bytes, box: tuple[int, int, int, int], size: int, flip: bool = False) -> torch.Tensor:
-    """Decode ``jpeg``, cut ``box`` (in original pixels) and resize it to ``size``×``size``:
-    uint8, HWC. Large crops are decoded at 1/2, 1/4 or 1/8 scale (:func:`dct_scale`), which skips
-    most of the inverse DCT and colour conversion; the box's edges then snap to the scaled pixel
-    grid (by at most 4/eighths original pixels)."""
-    height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-    left, top, w, h = box
-    eighths = dct_scale(w, h, size)
-    # simplejpeg picks the smallest scale whose output is at least min_width × min_height.
-    image = simplejpeg.decode_jpeg(
-        jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
-        min_width=-(-width * eighths // 8), min_height=-(-height * eighths // 8),
-    )
-    # Scaled pixel i covers original pixels [8i/eighths, 8(i+1)/eighths) (the last one may cover a
-    # partial block): map the box with exactly that scale, not the ratio of the rounded-up sizes.
-    scale = eighths / 8
-    y0, x0 = round(top * scale), round(left * scale)
-    y1 = min(image.shape[0], max(y0 + 1, round((top + h) * scale)))
-    x1 = min(image.shape[1], max(x0 + 1, round((left + w) * scale)))
-    # channels_last uint8 takes torch's vectorised antialiased-bilinear kernel. The batch dimension
-    # goes in before the permute: added after it, its stride reads as NCHW to torch, which then
-    # returns an NCHW result that every later copy has to transpose.
-    crop = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).unsqueeze(0).permute(0, 3, 1, 2)
-    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    out = out[0].permute(1, 2, 0)
-    return out.flip(1) if flip else out
-
-
-def normalize(images: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:
-    """uint8 NHWC → float NCHW normalised with ImageNet's mean and std. channels_last (the NHWC
-    bytes as they come) suits GPU convolutions; CPU ones run faster on plain NCHW here."""
-    x = images.permute(0, 3, 1, 2).float()
-    mean, std = _normalisation_constants(x.device)
-    return ((x - mean) / std).contiguous(memory_format=memory_format)
-
-
-@functools.lru_cache(maxsize=None)
-def _normalisation_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device: a fresh host-to-device copy every step would make the host wait.
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return mean, std
 
 
 # --------------------------------------------------------------------------- train

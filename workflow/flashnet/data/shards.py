@@ -14,7 +14,9 @@ listed under ``converted``), ``cls`` = the label as decimal text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -30,11 +32,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..progress import progress
 from .sources import DataError, SplitIndex
+from .tarfiles import ShardFile
 
 INDEX_FORMAT = "flashnet-index/1"
 MANIFEST_FORMAT = "flashnet-manifest/1"
-# Every shard member gets this timestamp, so the same inputs give byte-identical shards.
-SHARD_MTIME = 0
 
 
 # --------------------------------------------------------------------------- index
@@ -244,70 +245,6 @@ class SampleReader:
 # --------------------------------------------------------------------------- writing
 
 
-class ShardFile:
-    """A WebDataset shard being written: a plain tar whose members are ``<key>.cls`` then
-    ``<key>.jpg`` (WebDataset's TarWriter order) with the headers :mod:`tarfile` writes for them, so
-    the bytes are those of a tarfile-written shard. It is hashed as it is written, so the journal's
-    sha256 costs no second read of the shard (the manifest step still re-reads and checks it)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "wb", buffering=1 << 20)  # a write call per MiB, not per member
-        self._sha256 = hashlib.sha256()
-        self.size = 0
-
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._sha256.update(data)
-        self.size += len(data)
-
-    def add(self, key: str, fields: dict[str, bytes]) -> None:
-        for extension in sorted(fields):
-            data = fields[extension]
-            self._write(_member_header(f"{key}.{extension}", len(data)))
-            self._write(data)
-            self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
-
-    def finish(self) -> str:
-        """End the archive as tarfile does (two zero blocks, then zeros to a whole 10 KiB record),
-        make it durable, and return its sha256."""
-        self._write(bytes(2 * tarfile.BLOCKSIZE))
-        self._write(bytes(-self.size % tarfile.RECORDSIZE))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return self._sha256.hexdigest()
-
-    def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = size, SHARD_MTIME, 0o444, "", ""
-    return info
-
-
-# tarfile's header for a nameless, empty member: every field but the name, size and checksum.
-_HEADER_TEMPLATE = _tarinfo("", 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def _member_header(name: str, size: int) -> bytes:
-    """The 512-byte header tarfile writes for this member, filled into a template (TarInfo.tobuf,
-    twice per sample, took a tenth of a conversion job's time in profiles; see
-    docs/benchmarks/shards.md). Names that tarfile gives a PAX extended header (non-ASCII, over
-    100 bytes) and sizes over 8 GiB go through tarfile itself."""
-    if not name.isascii() or len(name) > 100 or size >= 8 ** 11:
-        return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    header = bytearray(_HEADER_TEMPLATE)
-    header[0:len(name)] = name.encode("ascii")
-    header[124:136] = b"%011o\0" % size
-    header[148:156] = b"        "  # the checksum is summed with its own field as spaces
-    header[148:155] = b"%06o\0" % sum(header)
-    return bytes(header)
-
-
 def write_shard(plan: ShardPlan, shard: int, reader: SampleReader, out_dir: Path, max_side: int | None,
                 quality: int, check: str = "decode") -> dict[str, Any]:
     """Write one shard atomically and return its journal record."""
@@ -359,7 +296,31 @@ def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, m
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check}
-    done = _finished_shards(journal_path, settings)
+    with _part_lock(out.with_name(f"{out.stem}.lock")):
+        done = _finished_shards(journal_path, settings)
+        records = _write_part_shards(plan, part, parts, shard_dir, journal_path, done, settings)
+    result = {"split": plan.split, "part": part, "parts": parts, "shards": records}
+    _write_json(out, result)
+    return result
+
+
+@contextlib.contextmanager
+def _part_lock(path: Path):
+    """One conversion job per part at a time. Jobs outlive a killed Snakemake on SLURM, and its
+    rerun submits their parts again: the new job waits for the old one, then its journal shows
+    what the old one finished."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{path}: another job is converting this part; waiting for it to end", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file descriptor, also when the process is killed
+
+
+def _write_part_shards(plan: ShardPlan, part: int, parts: int, shard_dir: Path, journal_path: Path,
+                       done: dict[str, dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    max_side, quality, check = settings["max_side"], settings["quality"], settings["check"]
     records = []
     reader = SampleReader(plan)
     try:
@@ -375,9 +336,7 @@ def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, m
             records.append(record)
     finally:
         reader.close()
-    result = {"split": plan.split, "part": part, "parts": parts, "shards": records}
-    _write_json(out, result)
-    return result
+    return records
 
 
 def _is_complete(path: Path, record: dict[str, Any]) -> bool:

@@ -263,8 +263,9 @@ def read_devkit(devkit_path: Path) -> tuple[dict[int, str], dict[str, int], list
         leaves = [s for s in synsets if int(s["num_children"]) == 0]
         id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
         train_counts = {str(s["WNID"]): int(s["num_train_images"]) for s in leaves}
-    except (KeyError, ValueError, TypeError) as error:
-        raise DataError(f"{devkit_path}: {DEVKIT_META} has no usable synsets table ({error})") from None
+    except Exception as error:  # scipy raises many kinds on a damaged file; all mean the same here
+        raise DataError(f"{devkit_path}: {DEVKIT_META} has no usable synsets table "
+                        f"({type(error).__name__}: {error})") from None
     try:
         truth = [int(line) for line in truth_text.split()]
     except ValueError:
@@ -396,10 +397,17 @@ def _extracted(data_dir: Path, split: str):
     return wnids, samples, _full_imagenet_count(wnids, split)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: unreadable ({error})") from None
+
+
 def _kaggle_synsets(data_dir: Path) -> list[str]:
     path = data_dir / KAGGLE_SYNSETS
     wnids = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         wnid = line.split()[0]
@@ -412,7 +420,7 @@ def _kaggle_synsets(data_dir: Path) -> list[str]:
 def _kaggle_val_labels(data_dir: Path, wnids: set[str]) -> dict[str, str]:
     path = data_dir / KAGGLE_VAL_SOLUTION
     labels = {}
-    with path.open(newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         rows = csv.reader(f)
         header = next(rows, None)
         if header != ["ImageId", "PredictionString"]:

@@ -249,16 +249,21 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         stop, nonfinite_step = (int(v) for v in flags.tolist())
         return bool(stop), nonfinite_step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        periodic = step % self.every_steps == 0
-        if step % self.check_every and not periodic:
-            return
+    def _agree_and_check(self, trainer, pl_module) -> bool:
+        """Agree across ranks; fail on a non-finite loss seen since the start, naming its step."""
         stop, nonfinite_step = self._agree(trainer, pl_module)
         if nonfinite_step >= 0:
             raise NonFiniteLoss(f"loss became NaN or infinite at step {nonfinite_step}; stopping (the last resume "
                                 f"checkpoint, if any, is {self.path})")
         self._watch_scaler(trainer)
+        return stop
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        periodic = step % self.every_steps == 0
+        if step % self.check_every and not periodic:
+            return
+        stop = self._agree_and_check(trainer, pl_module)
         last_of_epoch = step % self.steps_per_epoch == 0
         if last_of_epoch:  # the epoch-end checkpoint follows validation
             self._stop_at_epoch_end = stop
@@ -271,8 +276,10 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
+        # Checked before saving: a run that went non-finite since the last check (or in the last
+        # steps of training) fails here, and its last good checkpoint is kept.
+        stop = self._agree_and_check(trainer, pl_module)
         self.save(trainer)
-        stop, _ = self._agree(trainer, pl_module)
         if stop or self._stop_at_epoch_end:
             raise Preempted(f"stopped at the end of epoch {trainer.current_epoch + 1} ({self.stop.reason}); "
                             f"checkpoint {self.path}")

@@ -243,16 +243,31 @@ def slurm_job_finished(job) -> bool:
     lost = [attempt for attempt in attempts if attempt["State"] == "NODE_FAIL"]
     if lost:
         nodes = lost[-1]["NodeList"]
-        job.cancel(check=False)
+        state = cancel_slurm_job(job)
+        cancelled = ("so it was cancelled" if state in (None, "CANCELLED") else
+                     f"and it could not be cancelled (still {state}): scancel {job.job_id} before rerunning")
         raise JobFailed(
             f"job {job.job_id} lost a node (NODE_FAIL; its nodes {nodes} are now: {slurm_node_states(nodes)}). "
-            f"SLURM requeues such a job and it would wait until enough nodes are back, so it was cancelled.\n"
+            f"SLURM requeues such a job and it would wait until enough nodes are back, {cancelled}.\n"
             f"{_job_logs(job)}; rerunning the workflow resumes from the last checkpoint if one was written"
         )
     state = slurm_job_state(job.job_id)
     if state is None:  # the controller has forgotten it: accounting has the last word
         state = attempts[-1]["State"] if attempts else "UNKNOWN"
     return state in SLURM_FINAL_STATES
+
+
+def cancel_slurm_job(job, timeout_s: float = 60.0, poll_s: float = 1.0) -> str | None:
+    """scancel until slurmctld holds the job CANCELLED (or has forgotten it); return its last state.
+    One scancel can be lost: under load, one that reached a job in the middle of its requeue after
+    a NODE_FAIL left it pending for its nodes, with nothing waiting for it (seen on the test cluster)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job.cancel(check=False)
+        state = slurm_job_state(job.job_id)
+        if state in (None, "CANCELLED") or time.monotonic() > deadline:
+            return state
+        time.sleep(poll_s)
 
 
 def job_finished(job) -> bool:
@@ -321,7 +336,10 @@ def follow(job, folder: Path, cluster: str, poll_s: float) -> Any:
     try:
         return wait(job, poll_s)
     except KeyboardInterrupt as why:
-        job.cancel(check=False)
+        if isinstance(job, submitit.SlurmJob):
+            cancel_slurm_job(job, timeout_s=10.0)
+        else:
+            job.cancel(check=False)
         raise JobFailed(f"interrupted ({why or 'SIGINT'}): cancelled job {job.job_id}; rerunning resumes from the "
                         f"last checkpoint if one was written") from None
     finally:

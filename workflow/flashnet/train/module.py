@@ -17,7 +17,8 @@ import torchvision
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..config import RunConfig
-from ..data.loader import decode_on_device, normalize
+from ..data.loader import decode_on_device
+from ..data.transforms import normalize
 from .lars import LARS, lars_param_groups
 from .schedule import WarmupPolySchedule
 

@@ -70,11 +70,18 @@ def resolve_accelerator(run: RunConfig) -> str:
         raise ConfigError("accelerator: gpu, but this node has no CUDA device")
     if run.precision == "16-mixed" and accelerator == "cpu":
         raise ConfigError("precision: 16-mixed needs a GPU; this job runs on CPU (use bf16-mixed or 32-true)")
-    if run.precision == "bf16-mixed" and accelerator == "gpu" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision: bf16-mixed is not supported by {torch.cuda.get_device_name()}")
+    if run.precision == "bf16-mixed" and accelerator == "gpu" and not native_bf16():
+        raise ConfigError(f"precision: bf16-mixed is not supported by {torch.cuda.get_device_name()} "
+                          "(no bf16 Tensor Cores; use 16-mixed)")
     if run.decode_device == "cuda" and accelerator != "gpu":
         raise ConfigError("decode_device: cuda needs a GPU")
     return accelerator
+
+
+def native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). ``is_bf16_supported()`` alone also says yes where bf16
+    is only emulated (a V100), at a fraction of the speed the recipe counts on."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def prepare_for_device(model: torch.nn.Module, accelerator: str, compile_mode: str | None) -> None:
