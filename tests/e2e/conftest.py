@@ -166,15 +166,19 @@ class SlurmCluster:
 
     def wait_job(self, job_id: str | int, states=TERMINAL_STATES, timeout: float = 120) -> str:
         """Poll sacct until the job reaches one of ``states``; returns it."""
+        return self._wait_for_state(lambda: self.job_state(job_id), states, timeout, f"job {job_id}")
+
+    def _wait_for_state(self, current, states, timeout: float, what: str) -> str:
+        """Poll ``current()`` until it returns one of ``states``; time out with slurmctld's log."""
         states = frozenset(states)
         deadline = time.monotonic() + timeout
         state = None
         while time.monotonic() < deadline:
-            state = self.job_state(job_id)
+            state = current()
             if state in states:
                 return state
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} still {state} after {timeout}s "
+        raise TimeoutError(f"{what} still {state} after {timeout}s "
                            f"(wanted {sorted(states)})\n{self.log_tail('slurmctld.log')}")
 
     # --------------------------------------------------------------- nodes
@@ -184,16 +188,7 @@ class SlurmCluster:
         return self.run(["sinfo", "-h", "-N", "-n", name, "-o", "%t"]).stdout.split()[0]
 
     def wait_node_state(self, name: str, states, timeout: float = 90) -> str:
-        states = frozenset(states)
-        deadline = time.monotonic() + timeout
-        state = None
-        while time.monotonic() < deadline:
-            state = self.node_state(name)
-            if state in states:
-                return state
-            time.sleep(0.5)
-        raise TimeoutError(f"node {name} still {state} after {timeout}s "
-                           f"(wanted {sorted(states)})\n{self.log_tail('slurmctld.log')}")
+        return self._wait_for_state(lambda: self.node_state(name), states, timeout, f"node {name}")
 
     def node_pids(self, name: str) -> list[int]:
         """Processes inside the node's network namespace (slurmd, steps, jobs)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from flashnet.data.shards import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -153,14 +154,6 @@ def expected_jobs(config: dict[str, Any]) -> dict[str, int]:
             "train": runs, "evaluate": runs, "report": 1, "all": 1}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest(results: Path, split: str) -> dict[str, Any]:
     return json.loads((results / "shards" / split / "manifest.json").read_text())
 
@@ -176,7 +169,7 @@ def check_shards(results: Path) -> dict[str, dict[str, Any]]:
         for shard in listed["shards"]:
             path = folder / shard["name"]
             assert path.stat().st_size == shard["bytes"], path
-            assert sha256(path) == shard["sha256"], path
+            assert sha256_file(path) == shard["sha256"], path
         assert sum(s["samples"] for s in listed["shards"]) == listed["samples"]
         manifests[split] = listed
     return manifests

@@ -59,7 +59,6 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-import json
 import logging
 import math
 import os
@@ -75,6 +74,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from flashnet.bench import write_report
 from flashnet.bench.measure import (FLOP_PER_MAC, TRAIN_PASSES, RegionTimer, Timing, achieved_tflops,
                                     count_host_syncs, describe_machine, forward_gmacs, images_per_second,
                                     measure_matmul, synchronize, time_steps, training_flops_per_image)
@@ -746,16 +746,6 @@ def resolve_shards(args: argparse.Namespace, scale: Scale, configs: list[BenchCo
               file=sys.stderr, flush=True)
         make_sample_shards(manifest, args.make_shards, scale.smoke)
     return manifest_shards(manifest)
-
-
-def write_report(report: dict[str, Any], out: Path | None) -> None:
-    """Rewritten after every configuration: a run cut short by a time limit keeps what it measured."""
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------- the table

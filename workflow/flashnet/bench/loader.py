@@ -59,8 +59,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from flashnet.bench import import_data_module_copy, write_report
 from flashnet.data import loader, sample, shards, sources
-from flashnet.bench import import_data_module_copy
 from flashnet.machine import cpu_model
 
 SAMPLES_PER_SHARD = 100
@@ -333,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
     print(format_table(report))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return 0
 
 

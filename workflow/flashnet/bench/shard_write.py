@@ -65,8 +65,8 @@ import PIL
 import simplejpeg
 from PIL import features
 
+from flashnet.bench import import_data_module_copy, write_report
 from flashnet.data import sample, shards, sources
-from flashnet.bench import import_data_module_copy
 from flashnet.machine import cpu_model
 
 INPUT_SIDES = (300, 500)
@@ -473,9 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.profile:
         print("\ncProfile of one write_part job (1 process), by own time:\n" + report["profile"])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -18,6 +18,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+TAR_BLOCK = tarfile.BLOCKSIZE  # 512: headers, and data padded to a whole block
 # Every shard member gets this timestamp, so the same inputs give byte-identical shards.
 SHARD_MTIME = 0
 
@@ -47,12 +48,12 @@ class ShardFile:
             data = fields[extension]
             self._write(_member_header(f"{key}.{extension}", len(data)))
             self._write(data)
-            self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
+            self._write(bytes(-len(data) % TAR_BLOCK))
 
     def finish(self) -> str:
         """End the archive as tarfile does (two zero blocks, then zeros to a whole 10 KiB record),
         make it durable, and return its sha256."""
-        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(2 * TAR_BLOCK))
         self._write(bytes(-self.size % tarfile.RECORDSIZE))
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -91,7 +92,6 @@ def _member_header(name: str, size: int) -> bytes:
 
 # --------------------------------------------------------------------------- reading
 
-TAR_BLOCK = 512
 READ_FIELDS = frozenset({"jpg", "cls"})
 _ZERO_BLOCK = bytes(TAR_BLOCK)
 
