@@ -74,9 +74,17 @@ def test_presets_are_gpu_recipes(config):
     presets = yaml.safe_load((ROOT / "config" / "presets.yaml").read_text())
     config["runs"] = pipeline.expand_presets({"runs": {name: {"preset": name} for name in presets}}, ROOT)
     validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    config["launcher"]["cpus_per_task"] = 8  # a GPU node's share per device (this file's 1 is for the CPU default)
     for name in presets:
         launcher = json.loads(pipeline.train_launcher_json(config, name, Resources(), "slurm"))
         assert launcher["gpus_per_node"] == config["runs"][name]["devices_per_node"], name
+
+
+def test_more_loader_workers_than_cpus_per_task_are_refused_naming_both(config):
+    config["runs"]["busy"] = {**config["runs"]["default"], "loader_workers": 3}
+    with pytest.raises(cfg.ConfigError, match=r"runs\.busy\.loader_workers: 3 loader processes per device, but "
+                                              r"launcher\.cpus_per_task is 1"):
+        pipeline.train_launcher_json(config, "busy", Resources(), "local")
 
 
 def test_slurm_extra_that_is_not_an_option_is_refused():

@@ -79,9 +79,9 @@ def test_final_checkpoint_loads_into_torchvision(finished_run):
 def test_schedule_as_logged_follows_warmup_then_decay(finished_run):
     out, _ = finished_run
     lrs = {int(r["step"]): float(r["lr"]) for r in read_csv(out / "steps.csv")}
-    # after optimizer step s the scheduler has set lr(s): warmup to 1.0 over 10 steps, then decay
+    # after optimizer step s the scheduler has set lr(s): warmup to 1.0 over 10 steps, then 20 decay steps
     assert lrs[2] == pytest.approx(0.3)
-    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(0.0001 + (1.0 - 0.0001) * (19 / 20) ** 2)
     assert lrs[30] == pytest.approx(0.0001)
     assert all(lrs[a] >= lrs[b] for a, b in zip(range(10, 30, 2), range(12, 31, 2)))
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, loads_json_arg
 from .data.sources import DataError
 
 # Errors that are the user's input, not a bug: shown as one line, without a traceback.
@@ -69,6 +69,12 @@ def _evaluate(args) -> None:
     evaluate.evaluate_from_cli(args)
 
 
+def _recipe(args) -> None:
+    from . import resolve
+
+    resolve.recipe_from_cli(args)
+
+
 def _report(args) -> None:
     from .report import build
 
@@ -90,12 +96,9 @@ def _bench(args) -> int:
 
 def _json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
+        return loads_json_arg(text, "argument")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_evaluate)
+
+    p = commands.add_parser("recipe", help="show what a run or preset resolves to, before any GPU is spent")
+    p.add_argument("name", help="a run of the configuration, or a preset of config/presets.yaml")
+    p.add_argument("--configfile", type=Path, action="append",
+                   help="merged over config/config.yaml, as with snakemake (repeatable)")
+    p.add_argument("--manifest", type=Path, help="train manifest whose sample count replaces ImageNet's 1,281,167")
+    p.add_argument("--mllog", action="store_true", help="print the MLPerf log's hyperparameter lines instead")
+    p.set_defaults(func=_recipe)
 
     p = commands.add_parser("report", help="summary table, plots and HTML report over all runs")
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (results/runs/<run>)")

@@ -1,23 +1,120 @@
-"""Typed views of the validated configuration.
+"""Typed views of the validated configuration, derived from the schema.
 
-Snakemake validates the whole config against ``workflow/schemas/config.schema.yaml`` (filling in
-defaults) before any rule runs; rules hand the relevant section to the command line as JSON, and
-the code below turns it into frozen dataclasses. Checks that need more than one key (batch size
-against world size, precision against device) live here, so they run before any job is submitted.
+``workflow/schemas/config.schema.yaml`` is the one place that declares a run or launcher key: its
+type, allowed values, default and description. Snakemake validates the whole config against it
+(filling in defaults) before any rule runs; the classes below take their fields and defaults from
+the same file, and :meth:`RunConfig.from_dict` validates again, so a run built anywhere else (a
+test, a benchmark, ``flashnet recipe``) is checked the same way. Adding a run key therefore touches
+the schema, the code that uses it and its test.
+
+Checks that need more than one key (batch size against world size, precision against device, the
+LR schedule's horizon) live here too, so they run before any job is submitted.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
+
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the key that causes it in the message."""
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_FILE.read_text())
+
+
+def section(pointer: str) -> dict[str, Any]:
+    """The sub-schema at ``pointer`` (``"$defs/run"``, ``"properties/launcher"``)."""
+    node = schema()
+    for part in pointer.split("/"):
+        node = node[part]
+    return node
+
+
+def defaults(pointer: str) -> dict[str, Any]:
+    """Every key's default in the object schema at ``pointer`` (keys without one are left out)."""
+    return {name: copy.deepcopy(spec["default"])
+            for name, spec in section(pointer)["properties"].items() if "default" in spec}
+
+
+def validate(values: dict[str, Any], pointer: str, where: str) -> None:
+    """Validate ``values`` against the sub-schema, naming the first bad key as ``where.key``."""
+    validator = jsonschema.Draft202012Validator(section(pointer))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(values))
+    if error is None:
+        return
+    path = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(values) - set(section(pointer)["properties"]))
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    raise ConfigError(f"{where}.{path}: {error.message}" if path else f"{where}: {error.message}")
+
+
+def _frozen(value: Any) -> Any:
+    """Lists become tuples (hashable, immutable fields); mappings keep their keys."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_thawed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _thawed(v) for k, v in value.items()}
+    return value
+
+
+_PYTHON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, "array": tuple,
+                 "object": dict, "null": type(None)}
+
+
+def _python_type(spec: dict[str, Any]) -> Any:
+    if "enum" in spec:
+        return str
+    kinds = spec.get("type", "string")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    types = [_PYTHON_TYPES[kind] for kind in kinds]
+    return functools.reduce(lambda a, b: a | b, types)
+
+
+def schema_fields(pointer: str) -> list[tuple[str, Any, Any]]:
+    """(name, type, field) for ``dataclasses.make_dataclass``: one per key of the schema section."""
+    fields = []
+    for name, spec in section(pointer)["properties"].items():
+        default = _frozen(spec.get("default"))
+        fields.append((name, _python_type(spec), dataclasses.field(default=default)))
+    return fields
+
+
+def _build(cls, values: dict[str, Any], pointer: str, where: str):
+    unknown = sorted(set(values) - set(section(pointer)["properties"]) - set(getattr(cls, "EXTRA_FIELDS", ())))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    filled = {**defaults(pointer), **values}
+    validate({k: v for k, v in filled.items() if k in section(pointer)["properties"]}, pointer, where)
+    return cls(**{k: _frozen(v) for k, v in filled.items()})
+
+
+# --------------------------------------------------------------------------- presets
 
 
 def load_presets(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -51,74 +148,47 @@ def expand_presets(runs: Any, presets: dict[str, dict[str, Any]]) -> dict[str, d
     return expanded
 
 
-def _from_dict(cls, values: dict[str, Any], where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    missing = sorted(
-        f.name for f in dataclasses.fields(cls)
-        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    )
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    return cls(**values)
+# --------------------------------------------------------------------------- runs
+
+RUN = "$defs/run"
 
 
-# The values the schema allows, checked again here for runs built outside Snakemake.
-CHOICES = {
-    "model": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-    "optimizer": ("lars", "sgd"),
-    "precision": ("bf16-mixed", "16-mixed", "32-true"),
-    "accelerator": ("auto", "cpu", "gpu"),
-    "decode_device": ("cpu", "cuda"),
-}
+def device_problem(precision: str, decode_device: str, bn_groups: int, accelerator: str,
+                   bf16_native: bool = True, gpu_name: str = "this GPU") -> str | None:
+    """Why a run with these settings cannot train on ``accelerator`` (cpu | gpu), or None. The one
+    place that knows what each device supports: checked from the config before submission and
+    again on the node, where the GPU's own abilities are known."""
+    if precision == "16-mixed" and accelerator == "cpu":
+        return "precision: 16-mixed needs a GPU (this run is on the CPU); use bf16-mixed or 32-true"
+    if precision == "bf16-mixed" and accelerator == "gpu" and not bf16_native:
+        return f"precision: bf16-mixed is not supported by {gpu_name} (no bf16 Tensor Cores); use 16-mixed"
+    if decode_device == "cuda" and accelerator == "cpu":
+        return "decode_device: cuda needs a GPU (this run is on the CPU)"
+    if bn_groups > 1 and accelerator == "cpu":
+        return (f"bn_span: BatchNorm synchronised over groups of {bn_groups} devices needs GPUs (SyncBatchNorm); "
+                "on the CPU bn_span must equal the per-device batch (or be null)")
+    return None
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """One training run, as in ``runs.<name>`` of the config (see the schema for each key)."""
-
-    model: str
-    image_size: int
-    epochs: float
-    batch_size: int
-    optimizer: str
-    lr: float
-    warmup_epochs: float
-    lr_decay_power: float
-    end_lr: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    label_smoothing: float
-    lars_eta: float
-    lars_trust_clip: bool
-    lars_exclude_bn_bias: bool
-    zero_init_residual: bool
-    precision: str
-    accelerator: str
-    nodes: int
-    devices_per_node: int
-    compile: bool
-    loader_workers: int
-    decode_device: str
-    crop_scale: tuple[float, float]
-    shuffle_buffer: int
-    target_top1: float
-    seed: int
-    checkpoint_every_steps: int
-    log_every_steps: int
-    preset: str | None = None
+class _RunMethods:
+    """Derived quantities and cross-key checks of a run; its fields are the schema's run keys."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], name: str = "run") -> "RunConfig":
-        values = dict(values)
-        if "crop_scale" in values:
-            values["crop_scale"] = tuple(values["crop_scale"])
-        run = _from_dict(cls, values, f"runs.{name}")
+        """A run from its settings: schema defaults for keys left out, validated, cross-checked."""
+        run = _build(cls, values, RUN, f"runs.{name}")
         run.check(name)
         return run
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _thawed(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes) -> "RunConfig":
+        return type(self).from_dict({**self.to_dict(), **changes}, "run")
 
     @property
     def world_size(self) -> int:
@@ -129,62 +199,101 @@ class RunConfig:
         return self.batch_size // self.world_size
 
     @property
+    def bn_group_size(self) -> int:
+        """Devices whose BatchNorm statistics are pooled (1: per device)."""
+        return 1 if self.bn_span is None else self.bn_span // self.per_device_batch
+
+    @property
     def eval_resize(self) -> int:
         """Eval resizes the short side to 256/224 of the train crop, then centre-crops (ResNet convention)."""
         return round(self.image_size * 256 / 224)
 
+    def is_eval_epoch(self, epoch: int) -> bool:
+        """Whether validation runs after (1-based) ``epoch``: every ``eval_every_epochs`` epochs
+        from ``eval_offset``, as NVIDIA's MLPerf runs (``epoch % eval_period == eval_offset`` with
+        0-based epochs), and always after the last one, so every run ends with a measured top-1."""
+        last = math.ceil(self.epochs)
+        return epoch >= last or (epoch - 1) % self.eval_every_epochs == self.eval_offset
+
+    def augments(self, epoch: int) -> bool:
+        """Whether (0-based) ``epoch`` crops at random and flips (else: the validation transform)."""
+        return self.no_augment_from_epoch is None or epoch + 1 < self.no_augment_from_epoch
+
     def check(self, name: str = "run") -> None:
         where = f"runs.{name}"
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{where}.{key}: unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
         if self.batch_size % self.world_size:
             raise ConfigError(
                 f"{where}.batch_size: {self.batch_size} does not divide by the world size "
                 f"{self.world_size} (nodes {self.nodes} × devices_per_node {self.devices_per_node})"
             )
-        if self.precision == "16-mixed" and self.accelerator == "cpu":
-            raise ConfigError(f"{where}.precision: 16-mixed needs a GPU (accelerator is cpu); use bf16-mixed or 32-true")
-        if self.decode_device == "cuda" and self.accelerator == "cpu":
-            raise ConfigError(f"{where}.decode_device: cuda needs a GPU (accelerator is cpu)")
-        low, high = self.crop_scale
-        if not low <= high:
-            raise ConfigError(f"{where}.crop_scale: lower bound {low} exceeds upper bound {high}")
+        for key in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, key)
+            if not low <= high:
+                raise ConfigError(f"{where}.{key}: lower bound {low} exceeds upper bound {high}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"{where}.warmup_epochs: {self.warmup_epochs} must be below epochs {self.epochs}")
+        if self.lr_decay_steps is not None and self.lr_decay_epochs is not None:
+            raise ConfigError(f"{where}.lr_decay_steps: set lr_decay_steps or lr_decay_epochs, not both")
+        if self.eval_offset >= self.eval_every_epochs:
+            raise ConfigError(f"{where}.eval_offset: {self.eval_offset} must be below eval_every_epochs "
+                              f"{self.eval_every_epochs}")
+        self._check_bn_span(where)
+        accelerator = self.accelerator if self.accelerator != "auto" else "gpu"
+        problem = device_problem(self.precision, self.decode_device, self.bn_group_size, accelerator)
+        if problem and self.accelerator != "auto":
+            raise ConfigError(f"{where}.{problem}")
 
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["crop_scale"] = list(self.crop_scale)
-        return values
+    def _check_bn_span(self, where: str) -> None:
+        if self.bn_span is None:
+            return
+        per_device = self.per_device_batch
+        if self.bn_span % per_device:
+            raise ConfigError(
+                f"{where}.bn_span: {self.bn_span} samples cannot be covered by whole devices of {per_device} "
+                f"samples each (batch_size {self.batch_size} over {self.world_size} devices); choose a world size "
+                f"whose per-device batch divides {self.bn_span}")
+        group = self.bn_span // per_device
+        if self.world_size % group:
+            raise ConfigError(
+                f"{where}.bn_span: groups of {group} devices ({self.bn_span} / {per_device} per device) do not "
+                f"divide the world size {self.world_size}")
 
 
-@dataclasses.dataclass(frozen=True)
-class LauncherConfig:
-    """Where and how submitit starts a job: ``launcher:`` of the config plus the rule's resources."""
+RunConfig = dataclasses.make_dataclass("RunConfig", schema_fields(RUN), bases=(_RunMethods,), frozen=True)
+RunConfig.__module__ = __name__  # picklable by name (make_dataclass takes `module=` only from Python 3.12)
+RunConfig.__doc__ = "One training run, as ``runs.<name>`` of the config: one field per key of the schema's run."
 
-    cluster: str  # local | slurm (auto is resolved by the workflow before this is built)
-    timeout_min: int
-    signal_delay_s: int
-    max_num_timeout: int
-    cpus_per_task: int
-    mem_gb_per_node: float | None
-    setup: tuple[str, ...]
-    slurm_extra: dict[str, Any]
-    ddp_timeout_s: int
-    poll_s: float
-    slurm_partition: str | None = None
-    slurm_account: str | None = None
-    gpus_per_node: int = 0
+
+# --------------------------------------------------------------------------- launcher
+
+LAUNCHER = "properties/launcher"
+
+
+class _LauncherMethods:
+    # Not config keys: the rule fills them from the Snakemake resources and the run.
+    EXTRA_FIELDS = ("slurm_partition", "slurm_account", "slurm_extra", "gpus_per_node")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LauncherConfig":
-        values = dict(values)
-        values["setup"] = tuple(values.get("setup", ()))
-        launcher = _from_dict(cls, values, "launcher")
+        launcher = _build(cls, values, LAUNCHER, "launcher")
         if launcher.cluster not in ("local", "slurm"):
             raise ConfigError(f"launcher.cluster: expected local or slurm, got {launcher.cluster!r}")
         return launcher
+
+
+LauncherConfig = dataclasses.make_dataclass(
+    "LauncherConfig",
+    schema_fields(LAUNCHER) + [
+        ("slurm_partition", str | None, dataclasses.field(default=None)),
+        ("slurm_account", str | None, dataclasses.field(default=None)),
+        ("slurm_extra", dict, dataclasses.field(default_factory=dict)),
+        ("gpus_per_node", int, dataclasses.field(default=0)),
+    ],
+    bases=(_LauncherMethods,), frozen=True,
+)
+LauncherConfig.__module__ = __name__
+LauncherConfig.__doc__ = ("Where and how submitit starts a job: ``launcher:`` of the config (cluster resolved) "
+                          "plus the rule's resources.")
 
 
 def loads_json_arg(text: str, what: str) -> dict[str, Any]:

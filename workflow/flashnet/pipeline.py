@@ -147,10 +147,16 @@ def evaluate_launcher_json(config: dict[str, Any], run: str, resources: Any, exe
 
 
 def cluster_run_config(config: dict[str, Any], run: str, executor: str | None) -> cfg.RunConfig:
-    """The run's settings, refused if SLURM would get a job it cannot size: the GPUs a job asks for
-    are fixed when it is queued, so ``accelerator: auto`` (decided on the node) would ask for none
-    and leave a GPU recipe on the node's CPU."""
+    """The run's settings, refused if the job cannot be sized: more loader processes than CPUs per
+    task would oversubscribe the node, and under SLURM the GPUs a job asks for are fixed when it is
+    queued, so ``accelerator: auto`` (decided on the node) would ask for none and leave a GPU recipe
+    on the node's CPU."""
     settings = run_config(config, run)
+    cpus = config["launcher"]["cpus_per_task"]
+    if settings.loader_workers > cpus:
+        raise cfg.ConfigError(
+            f"runs.{run}.loader_workers: {settings.loader_workers} loader processes per device, but "
+            f"launcher.cpus_per_task is {cpus}: raise cpus_per_task or lower loader_workers")
     if resolve_cluster(config, executor) == "slurm" and settings.accelerator == "auto":
         raise cfg.ConfigError(
             f"runs.{run}.accelerator: auto cannot size a SLURM job (its GPUs are requested when it is "

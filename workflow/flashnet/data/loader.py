@@ -72,6 +72,8 @@ class TrainStreamSpec:
     workers: int  # streams (max(loader workers, 1)): batch b comes from stream b % workers
     start_batch: int = 0  # resume: batches of this epoch already trained
     decode_on_device: bool = False
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    center_crop_resize: int | None = None  # set: the val transform (resize, centre crop, no flip) instead
 
 
 def _resampled_shards(shards: tuple[str, ...], rng: random.Random) -> Iterator[dict]:
@@ -102,8 +104,11 @@ def _augment(spec: TrainStreamSpec, stream: int, sample: dict):
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, stream, sample["__index__"]])
     jpeg = sample["jpg"]
     height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-    box = random_resized_crop_box(width, height, spec.crop_scale, rng)
-    flip = bool(rng.random() < 0.5)
+    if spec.center_crop_resize is None:
+        box = random_resized_crop_box(width, height, spec.crop_scale, rng, spec.crop_ratio)
+        flip = bool(rng.random() < 0.5)
+    else:
+        box, flip = center_crop_box(width, height, spec.center_crop_resize, spec.image_size), False
     label = int(sample["cls"])
     if spec.decode_on_device:
         return jpeg, box, flip, label

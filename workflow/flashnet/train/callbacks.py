@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -174,6 +174,43 @@ class RunRecords(pl.Callback):
         self.epochs, self.steps = state["epochs"], state["steps"]
 
 
+class EvalSchedule(pl.Callback):
+    """Validation after the run's eval epochs only (``RunConfig.is_eval_epoch``), and, with
+    ``stop_at_target``, the end of training at the first validation that reaches the target.
+
+    Lightning validates after epoch e (1-based) when e % ``check_val_every_n_epoch`` == 0, a fixed
+    period without an offset; setting it before each epoch to 1 (validate) or to e + 1 (skip)
+    gives MLPerf's cadence with an offset. All ranks compute the same top-1 (torchmetrics syncs
+    it), so all decide to stop together.
+    """
+
+    def __init__(self, validates: Callable[[int], bool], target_top1: float, stop_at_target: bool):
+        self.validates, self.target_top1, self.stop_at_target = validates, target_top1, stop_at_target
+        self.stopped_at_epoch: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Resumed from the checkpoint written after the validation that reached the target.
+        if self.stopped_at_epoch is not None:
+            trainer.should_stop = True
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        trainer.check_val_every_n_epoch = 1 if self.validates(epoch) else epoch + 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.stop_at_target:
+            return
+        if float(trainer.callback_metrics["val_top1"]) >= self.target_top1:
+            self.stopped_at_epoch = trainer.current_epoch + 1
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stopped_at_epoch": self.stopped_at_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stopped_at_epoch = state["stopped_at_epoch"]
+
+
 class PlainProgress(pl.Callback):
     """``epoch 3/16 step 120/256 loss 1.234 lr 0.512 1234 img/s ETA 1m20s`` every few steps, for
     job logs (a terminal gets Lightning's live bar instead)."""
@@ -222,12 +259,13 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
     """
 
     def __init__(self, path: Path, every_steps: int, check_every: int, steps_per_epoch: int, stop: StopRequest,
-                 scaler_watch: bool = False):
+                 scaler_watch: bool = False, validates: Callable[[int], bool] = lambda epoch: True):
         self.path = path
         self.every_steps = every_steps
         self.check_every = check_every
         self.steps_per_epoch = steps_per_epoch
         self.stop = stop
+        self.validates = validates  # validates(1-based epoch): whether validation follows that epoch
         self.scaler_watch = scaler_watch
         self._stop_at_epoch_end = False
         self._last_scale = None
@@ -261,13 +299,14 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         periodic = step % self.every_steps == 0
-        if step % self.check_every and not periodic:
+        last_of_epoch = step % self.steps_per_epoch == 0
+        if step % self.check_every and not periodic and not last_of_epoch:
             return
         stop = self._agree_and_check(trainer, pl_module)
-        last_of_epoch = step % self.steps_per_epoch == 0
-        if last_of_epoch:  # the epoch-end checkpoint follows validation
-            self._stop_at_epoch_end = stop
+        if last_of_epoch and self.validates(trainer.current_epoch + 1):
+            self._stop_at_epoch_end = stop  # the epoch-end checkpoint follows validation
             return
+        periodic = periodic or last_of_epoch  # an epoch without validation is checkpointed at its end
         if periodic or stop:
             self.save(trainer)
         if stop:

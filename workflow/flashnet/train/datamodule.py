@@ -43,6 +43,8 @@ class ShardData(pl.LightningDataModule):
             batch_size=run.per_device_batch,
             image_size=run.image_size,
             crop_scale=run.crop_scale,
+            crop_ratio=run.crop_ratio,
+            center_crop_resize=None if run.augments(trainer.current_epoch) else run.eval_resize,
             shuffle_buffer=run.shuffle_buffer,
             workers=max(run.loader_workers, 1),
             start_batch=done,

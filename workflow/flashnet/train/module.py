@@ -32,11 +32,27 @@ def build_model(run: RunConfig, num_classes: int) -> nn.Module:
                                         zero_init_residual=run.zero_init_residual)
 
 
+def bn_group_ranks(world_size: int, group_size: int) -> list[list[int]]:
+    """Consecutive ranks in groups of ``group_size``: ranks are numbered node by node, so a group
+    that fits on one node stays on it and its all-reduces never leave the node."""
+    return [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
+
+
+def synchronise_batchnorm(model: nn.Module, group_size: int) -> nn.Module:
+    """BatchNorm statistics pooled over this rank's group of ``group_size`` devices (MLPerf's
+    ``model_bn_span`` = group_size × per-device batch), as NVIDIA's MLPerf runs do."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group(ranks) for ranks in bn_group_ranks(dist.get_world_size(), group_size)]
+    own = groups[dist.get_rank() // group_size]  # every rank creates every group, as new_group requires
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=own)
+
+
 def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = lars_param_groups(model, run.weight_decay, exclude_bn_and_bias=run.lars_exclude_bn_bias)
     if run.optimizer == "lars":
         return LARS(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, eta=run.lars_eta,
-                    trust_clip=run.lars_trust_clip)
+                    eps=run.lars_epsilon, trust_clip=run.lars_trust_clip)
     for group in groups:
         group.pop("lars", None)
     return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, foreach=True)
@@ -58,6 +74,11 @@ class ImageNetClassifier(pl.LightningModule):
         self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("first_nonfinite_step", torch.full((), -1, dtype=torch.long))
+
+    def setup(self, stage: str) -> None:
+        # Runs after the process group is up and before DDP wraps the model.
+        if self.run_config.bn_group_size > 1:
+            self.model = synchronise_batchnorm(self.model, self.run_config.bn_group_size)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # Undecoded JPEGs stay in host memory, where nvJPEG reads them; decode_on_device moves the rest.

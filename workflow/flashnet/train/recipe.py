@@ -23,14 +23,14 @@ import torch
 import torchvision
 from pytorch_lightning.strategies import DDPStrategy
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, device_problem
 from ..data.loader import shard_paths
 from ..data.shards import verify_manifest
 from ..machine import cpu_model
-from .callbacks import PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
+from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
 from .datamodule import ShardData
 from .module import ImageNetClassifier
-from .schedule import schedule_for_run, total_steps
+from .schedule import schedule_for_run, steps_per_epoch, total_steps
 
 MODEL_FORMAT = "flashnet-model/1"
 
@@ -62,19 +62,18 @@ class TrainSpec:
 
 
 def resolve_accelerator(run: RunConfig) -> str:
-    """cpu or gpu, checking the precision the run asks for is one this device can do."""
+    """cpu or gpu, checking that this node can do what the run asks of it (``config.device_problem``)."""
     accelerator = run.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("accelerator: gpu, but this node has no CUDA device")
-    if run.precision == "16-mixed" and accelerator == "cpu":
-        raise ConfigError("precision: 16-mixed needs a GPU; this job runs on CPU (use bf16-mixed or 32-true)")
-    if run.precision == "bf16-mixed" and accelerator == "gpu" and not native_bf16():
-        raise ConfigError(f"precision: bf16-mixed is not supported by {torch.cuda.get_device_name()} "
-                          "(no bf16 Tensor Cores; use 16-mixed)")
-    if run.decode_device == "cuda" and accelerator != "gpu":
-        raise ConfigError("decode_device: cuda needs a GPU")
+    gpu = accelerator == "gpu"
+    problem = device_problem(run.precision, run.decode_device, run.bn_group_size, accelerator,
+                             bf16_native=not gpu or native_bf16(),
+                             gpu_name=torch.cuda.get_device_name() if gpu else "this GPU")
+    if problem:
+        raise ConfigError(problem)
     return accelerator
 
 
@@ -112,15 +111,6 @@ def allreduce_dtype(run: RunConfig, accelerator: str) -> str:
     return "bfloat16" if run.precision == "bf16-mixed" else "float16"
 
 
-def steps_per_epoch(train_samples: int, batch_size: int) -> int:
-    """Whole global batches per pass over the train set (the remainder is dropped, so every rank
-    sees the same number of equal batches)."""
-    steps = train_samples // batch_size
-    if steps == 0:
-        raise ConfigError(f"batch_size {batch_size} exceeds the {train_samples} train samples")
-    return steps
-
-
 def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
           extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any] | None:
     """Train (or resume) ``spec`` in this process; returns the summary on rank 0."""
@@ -148,12 +138,14 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     clock = TrainClock()
     records = RunRecords(out_dir, clock, run.batch_size, spe, run.log_every_steps, run.target_top1)
     spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    eval_schedule = EvalSchedule(run.is_eval_epoch, run.target_top1, run.stop_at_target)
     callbacks = [
         *extra_callbacks,
         clock,
         records,
+        eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
         ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
-                          scaler_watch=run.precision == "16-mixed"),
+                          scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch),
     ]
     interactive = sys.stderr.isatty()
     if not interactive:
@@ -194,13 +186,15 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
 
     if not trainer.is_global_zero:
         return None
-    summary = write_outputs(spec, run, trainer, module, records, clock, train_manifest, accelerator)
+    summary = write_outputs(spec, run, trainer, module, records, clock, train_manifest, accelerator,
+                            eval_schedule.stopped_at_epoch)
     spec.checkpoint.unlink(missing_ok=True)  # finished: a rerun must train afresh, not resume
     return summary
 
 
 def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: ImageNetClassifier,
-                  records: RunRecords, clock: TrainClock, train_manifest: dict, accelerator: str) -> dict[str, Any]:
+                  records: RunRecords, clock: TrainClock, train_manifest: dict, accelerator: str,
+                  stopped_at_epoch: int | None) -> dict[str, Any]:
     out_dir = Path(spec.out_dir)
     model = {
         "format": MODEL_FORMAT,
@@ -234,6 +228,9 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
         "final_top1": last["val_top1"],
         "final_top5": last["val_top5"],
         "target_top1": run.target_top1,
+        "stopped_at_target": stopped_at_epoch is not None,
+        "stopped_at_epoch": stopped_at_epoch,
+        "max_steps": total_steps(run.epochs, records.steps_per_epoch),
         "time_to_target_s": seconds,
         "epochs_to_target": epochs,
         "train_seconds": round(train_seconds, 3),

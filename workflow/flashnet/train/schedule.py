@@ -1,47 +1,75 @@
-"""The learning-rate schedule of the large-batch records: linear warmup, then polynomial decay,
-stepped every iteration (Goyal et al. 2017 §2.2 for the warmup; You et al. 2017 and MLPerf's
-LARS reference for the polynomial decay)."""
+"""The step counts and the learning-rate schedule of a run, each derived in one place: steps per
+epoch, total steps, and the warmup and polynomial decay stepped every iteration (Goyal et al. 2017
+§2.2 for the warmup; You et al. 2017 and MLPerf's LARS reference for the decay).
+
+Weight decay needs no schedule of its own: LARS and SGD here apply lr(step)·λ·w, so the decay term
+warms up and decays with the learning rate. That is what Fujitsu's MLPerf v0.6 run had to schedule
+by hand (``wd_warmup``, ``wd_decay_mode power``), because MXNet's LARS kernel there does not
+multiply weight decay by the scheduled learning rate.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from ..config import ConfigError
+
+
+def steps_per_epoch(train_samples: int, batch_size: int) -> int:
+    """Whole global batches per pass over the train set (the remainder is dropped, so every rank
+    sees the same number of equal batches)."""
+    steps = train_samples // batch_size
+    if steps == 0:
+        raise ConfigError(f"batch_size {batch_size} exceeds the {train_samples} train samples")
+    return steps
+
+
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run of ``epochs`` (a fractional last epoch is cut at its step)."""
+    return math.ceil(epochs * steps_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)
 class WarmupPolySchedule:
-    """lr(step) for ``total_steps`` optimizer steps:
+    """lr(step) of the 0-based optimizer ``step``, with t = step + 1 the step's 1-based number:
 
-        step < W:  lr = peak · (step + 1) / W
-        step ≥ W:  lr = end + (peak − end) · (1 − (step − W) / (T − W)) ^ power
+        t ≤ W:  lr = peak · t / W
+        t > W:  lr = end + (peak − end) · (1 − min(t − W, D) / D) ^ power
 
-    with W = ``warmup_steps`` and T = ``total_steps``. The warmup reaches the peak on its last step
-    (step W − 1) and the decay starts from it, reaching ``end`` after the last step.
+    with W = ``warmup_steps`` and D = ``decay_steps``. The warmup reaches the peak on its last
+    step, the decay reaches ``end`` on its D-th step and stays there: D is MLPerf's
+    ``opt_learning_rate_decay_steps`` (counted as NVIDIA's MXNet PolyScheduler counts iterations,
+    from 1), so the horizon can outlast the run that stops at its target.
     """
 
     peak_lr: float
     warmup_steps: int
-    total_steps: int
+    decay_steps: int
     power: float
     end_lr: float
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.peak_lr * (step + 1) / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        t = step + 1
+        if t <= self.warmup_steps:
+            return self.peak_lr * t / self.warmup_steps
+        progress = min(t - self.warmup_steps, self.decay_steps) / self.decay_steps
         return self.end_lr + (self.peak_lr - self.end_lr) * (1.0 - progress) ** self.power
+
+    @property
+    def horizon_steps(self) -> int:
+        """Steps until the LR reaches its floor."""
+        return self.warmup_steps + self.decay_steps
 
 
 def schedule_for_run(run, steps_per_epoch: int) -> WarmupPolySchedule:
-    return WarmupPolySchedule(
-        peak_lr=run.lr,
-        warmup_steps=math.ceil(run.warmup_epochs * steps_per_epoch),
-        total_steps=total_steps(run.epochs, steps_per_epoch),
-        power=run.lr_decay_power,
-        end_lr=run.end_lr,
-    )
-
-
-def total_steps(epochs: float, steps_per_epoch: int) -> int:
-    return math.ceil(epochs * steps_per_epoch)
+    """The run's LR schedule: its decay horizon is ``lr_decay_steps``, or ``lr_decay_epochs``
+    epochs, or else the rest of the run after the warmup."""
+    warmup = math.ceil(run.warmup_epochs * steps_per_epoch)
+    if run.lr_decay_steps is not None:
+        decay = run.lr_decay_steps
+    elif run.lr_decay_epochs is not None:
+        decay = math.ceil(run.lr_decay_epochs * steps_per_epoch)
+    else:
+        decay = total_steps(run.epochs, steps_per_epoch) - warmup
+    return WarmupPolySchedule(peak_lr=run.lr, warmup_steps=warmup, decay_steps=max(decay, 1),
+                              power=run.lr_decay_power, end_lr=run.end_lr)

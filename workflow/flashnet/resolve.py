@@ -1,0 +1,161 @@
+"""``flashnet recipe``: a run or preset resolved as a person checks it before spending GPU-hours.
+
+It reads the configuration the way the workflow does (``config/config.yaml``, then each
+``--configfile`` merged over it, presets expanded, every key validated), and shows what the training
+job will do with it: batches, steps, the LR schedule's points, the validation epochs, and the MLPerf
+division whose rules it meets. ``--mllog`` prints instead the init-phase hyperparameters the run's
+MLPerf log carries, as ``:::MLLOG`` lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config as cfg
+from .mlperf import mllog
+from .mlperf.rules import closed_division_breaks
+from .train.schedule import WarmupPolySchedule, schedule_for_run, steps_per_epoch, total_steps
+
+WORKFLOW_ROOT = Path(__file__).resolve().parents[2]  # holds config/ and the Snakefile
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def merged_config(configfiles: list[Path], root: Path = WORKFLOW_ROOT) -> dict[str, Any]:
+    """``config/config.yaml`` with each file merged over it in order, nested mappings key by key
+    (Snakemake's ``--configfile`` rule)."""
+    merged: dict[str, Any] = {}
+    for path in [root / "config" / "config.yaml", *configfiles]:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise cfg.ConfigError(f"{path}: cannot read it as YAML ({error})") from None
+        if not isinstance(loaded, dict):
+            raise cfg.ConfigError(f"{path}: expected a mapping of config keys")
+        _merge(merged, loaded)
+    return merged
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def resolve_run(name: str, configfiles: list[Path], root: Path = WORKFLOW_ROOT) -> tuple[cfg.RunConfig, str]:
+    """(the run, where it came from): a run of the merged configuration, else a preset."""
+    presets = cfg.load_presets(root / "config" / "presets.yaml")
+    runs = cfg.expand_presets(merged_config(configfiles, root).get("runs") or {}, presets)
+    if name in runs:
+        return cfg.RunConfig.from_dict(runs[name], name), "run of the configuration"
+    if name in presets:
+        return cfg.RunConfig.from_dict({**presets[name], "preset": name}, name), "preset"
+    raise cfg.ConfigError(f"{name}: neither a run of the configuration ({', '.join(sorted(runs)) or 'none'}) "
+                          f"nor a preset ({', '.join(sorted(presets))})")
+
+
+def train_samples_from(manifest: Path | None) -> tuple[int, str]:
+    if manifest is None:
+        return IMAGENET_TRAIN_IMAGES, "ImageNet-1k's train set; --manifest for another"
+    try:
+        samples = json.loads(Path(manifest).read_text())["samples"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise cfg.ConfigError(f"{manifest}: not a shard manifest ({error})") from None
+    return int(samples), str(manifest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What the training job does with a run on ``train_samples`` images."""
+
+    run: cfg.RunConfig
+    train_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    schedule: WarmupPolySchedule
+
+    @classmethod
+    def of(cls, run: cfg.RunConfig, train_samples: int) -> "Resolved":
+        spe = steps_per_epoch(train_samples, run.batch_size)
+        return cls(run, train_samples, spe, total_steps(run.epochs, spe), schedule_for_run(run, spe))
+
+    @property
+    def eval_epochs(self) -> list[int]:
+        return [e for e in range(1, math.ceil(self.run.epochs) + 1) if self.run.is_eval_epoch(e)]
+
+    def lr_points(self) -> list[tuple[int, float]]:
+        """(step, lr) at the run's landmarks: first step, warmup's end, a quarter, half and three
+        quarters of the decay, its end (if the run gets there) and the last step."""
+        s, last = self.schedule, self.total_steps - 1
+        decay = [s.warmup_steps + round(f * s.decay_steps) - 1 for f in (0.25, 0.5, 0.75, 1.0)]
+        steps = sorted({0, max(s.warmup_steps - 1, 0), *[d for d in decay if d <= last], last})
+        return [(step, s(step)) for step in steps]
+
+
+def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) -> str:
+    run, s, spe = resolved.run, resolved.schedule, resolved.steps_per_epoch
+    bn = (f"{run.bn_span} samples = {run.bn_group_size} device(s) × {run.per_device_batch}"
+          + (" (SyncBatchNorm)" if run.bn_group_size > 1 else "") if run.bn_span else
+          f"per device ({run.per_device_batch} samples)")
+    floor_step = s.horizon_steps
+    horizon = (f"reaches end_lr {run.end_lr:g} at step {floor_step:,} (epoch {floor_step / spe:.1f})"
+               if floor_step <= resolved.total_steps else
+               f"still {s(resolved.total_steps - 1):.4g} at the last step: the horizon of {floor_step:,} steps "
+               f"outlasts the run's {resolved.total_steps:,}")
+    stop = (f"stops at the first validation ≥ {run.target_top1:.1%} top-1" if run.stop_at_target
+            else f"time to target {run.target_top1:.1%} read off; trains every epoch")
+    evals = resolved.eval_epochs
+    evals_text = ", ".join(map(str, evals)) if len(evals) <= 12 else \
+        f"{', '.join(map(str, evals[:6]))}, …, {', '.join(map(str, evals[-3:]))}"
+    optimizer = (f"LARS  momentum {run.momentum:g}  weight decay {run.weight_decay:g}  η {run.lars_eta:g}  "
+                 f"ε {run.lars_epsilon:g}" if run.optimizer == "lars" else
+                 f"SGD  momentum {run.momentum:g}  weight decay {run.weight_decay:g}")
+    breaks = closed_division_breaks(run)
+    crop = (f"scale {list(run.crop_scale)}  ratio [{run.crop_ratio[0]:.4g}, {run.crop_ratio[1]:.4g}]"
+            + (f"; val transform from epoch {run.no_augment_from_epoch}" if run.no_augment_from_epoch else ""))
+    rows = [
+        ("train images", f"{resolved.train_samples:,} ({samples_origin})"),
+        ("model", f"{run.model} at {run.image_size} px, {run.precision} on {run.accelerator}"
+                  f"{', zero-init last BN γ' if run.zero_init_residual else ''}"),
+        ("global batch", f"{run.batch_size:,} = {run.nodes} node(s) × {run.devices_per_node} device(s) × "
+                         f"{run.per_device_batch} per device"),
+        ("BatchNorm span", bn),
+        ("steps per epoch", f"{spe:,} = floor({resolved.train_samples:,} / {run.batch_size:,}); "
+                            f"{resolved.train_samples - spe * run.batch_size:,} images an epoch left out"),
+        ("warmup", f"{run.warmup_epochs:g} epochs = {s.warmup_steps:,} steps, linear to lr {run.lr:g}"),
+        ("decay", f"{s.decay_steps:,} steps, power {run.lr_decay_power:g}; {horizon}"),
+        ("length", f"at most {run.epochs:g} epochs = {resolved.total_steps:,} steps; {stop}"),
+        ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset})"),
+        ("LR at step", "  ".join(f"{step:,}: {lr:.4g}" for step, lr in resolved.lr_points())),
+        ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"),
+        ("crop", crop),
+        ("MLPerf division", "closed (meets the closed ResNet-50 rules of training 4.0.0)" if not breaks else
+                            "open; the closed rules it breaks:"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{name}  ({origin})"]
+    lines += [f"  {label:<{width}}  {text}" for label, text in rows]
+    lines += [f"  {'':<{width}}    - {why}" for why in breaks]
+    return "\n".join(lines)
+
+
+def mllog_lines(resolved: Resolved) -> list[str]:
+    return [mllog.line(key, value, caller_depth=2) for key, value in
+            mllog.hyperparameters(resolved.run, resolved.steps_per_epoch)]
+
+
+def recipe_from_cli(args) -> None:
+    run, origin = resolve_run(args.name, args.configfile or [])
+    samples, samples_origin = train_samples_from(args.manifest)
+    resolved = Resolved.of(run, samples)
+    if args.mllog:
+        print("\n".join(mllog_lines(resolved)))
+    else:
+        print(describe(resolved, args.name, origin, samples_origin))
