@@ -314,3 +314,20 @@ def test_device_decode_path_matches_the_cpu_path(data):
             assert not valid.any() and decoded.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
             padding += 1
     assert padding == loader.val_assignment(spec.shard_samples, 3, 2, BATCH)[1][2] == 1
+
+
+def test_train_batches_without_augmentation_are_the_val_transform(data):
+    """``center_crop_resize`` (Fujitsu's last epochs): resize, centre crop, no flip, for every sample."""
+    from flashnet.data.transforms import center_crop_box, decode_crop
+    import simplejpeg
+
+    expected = set()
+    for jpeg, label in data["train"].samples.values():
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+        crop = decode_crop(jpeg, center_crop_box(width, height, VAL_RESIZE, IMAGE_SIZE), IMAGE_SIZE)
+        expected.add((crop.numpy().tobytes(), label))
+    batches = train_batches(train_spec(data["train"], center_crop_resize=VAL_RESIZE), 0)
+    seen = [(image.numpy().tobytes(), int(label)) for images, labels in batches for image, label in zip(images, labels)]
+    assert len(seen) == STEPS * BATCH and set(seen) <= expected
+    augmented = train_batches(train_spec(data["train"]), 0)
+    assert not {(i.numpy().tobytes(), int(l)) for images, labels in augmented for i, l in zip(images, labels)} <= expected

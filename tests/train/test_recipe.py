@@ -159,3 +159,95 @@ def test_summary_is_json_with_versions(finished_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] is True
     assert set(summary["versions"]) >= {"python", "torch", "torchvision", "pytorch_lightning"}
+
+
+# --------------------------------------------------------------------------- eval cadence and stop at target
+
+
+@pytest.fixture(scope="module")
+def cadence_run(tiny_dataset, tmp_path_factory):
+    """6 epochs validating after epochs 2, 4 and 6 (every 2, offset 1), not stopping at the target."""
+    out = tmp_path_factory.mktemp("cadence")
+    spec = make_spec(tiny_dataset, out, epochs=6, warmup_epochs=1, eval_every_epochs=2, eval_offset=1,
+                     log_every_steps=5)
+    return out, train(spec, None, StopRequest())
+
+
+def test_validation_runs_only_at_the_eval_epochs(cadence_run):
+    out, summary = cadence_run
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [2, 4, 6] and [int(r["step"]) for r in rows] == [20, 40, 60]
+    assert summary["steps"] == 60 and summary["stopped_at_target"] is False
+
+
+def first_epoch_reaching(rows: list[dict[str, str]], target: float) -> int:
+    return next(int(r["epoch"]) for r in rows if float(r["val_top1"]) >= target)
+
+
+def stop_target(cadence_run) -> tuple[float, int]:
+    """A target the uninterrupted run first reaches after epoch 2 or 4, so stopping there ends it early."""
+    rows = read_csv(cadence_run[0] / "metrics.csv")
+    best_before_last = max(float(r["val_top1"]) for r in rows[:2])
+    return best_before_last, first_epoch_reaching(rows, best_before_last)
+
+
+def test_stop_at_target_ends_the_run_at_the_first_validation_reaching_it(tiny_dataset, cadence_run, tmp_path):
+    target, epoch = stop_target(cadence_run)
+    spec = make_spec(tiny_dataset, tmp_path, epochs=6, warmup_epochs=1, eval_every_epochs=2, eval_offset=1,
+                     log_every_steps=5, target_top1=target, stop_at_target=True)
+    summary = train(spec, None, StopRequest())
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [e for e in (2, 4, 6) if e <= epoch]
+    uninterrupted = read_csv(cadence_run[0] / "metrics.csv")[:len(rows)]
+    assert [r["val_top1"] for r in rows] == [r["val_top1"] for r in uninterrupted]  # the same run, up to the stop
+    assert summary["stopped_at_target"] is True and summary["stopped_at_epoch"] == epoch
+    assert summary["steps"] == epoch * 10 and summary["max_steps"] == 60
+    assert summary["epochs_to_target"] == epoch and summary["final_top1"] >= target
+    assert (tmp_path / "model.pt").exists() and not spec.checkpoint.exists()
+
+
+@pytest.mark.parametrize("stop_after", ["mid_epoch", "target_validation"])
+def test_stop_at_target_holds_across_a_resume(tiny_dataset, cadence_run, tmp_path, stop_after):
+    """Interrupted before the target (mid-epoch) or right after the validation that reached it (the
+    epoch-end checkpoint then records the stop): the resumed run stops at the same epoch, with the
+    same weights as an uninterrupted run that stops there."""
+    target, epoch = stop_target(cadence_run)
+    overrides = dict(epochs=6, warmup_epochs=1, eval_every_epochs=2, eval_offset=1, log_every_steps=5,
+                     target_top1=target, stop_at_target=True)
+    reference = train(make_spec(tiny_dataset, tmp_path / "reference", **overrides), None, StopRequest())
+    spec = make_spec(tiny_dataset, tmp_path / "resumed", **overrides)
+    stop = StopRequest()
+    stop_step = 15 if stop_after == "mid_epoch" else epoch * 10
+    with pytest.raises(Preempted):
+        train(spec, None, stop, extra_callbacks=[StopAtStep(stop, stop_step)])
+    summary = train(spec, None, StopRequest())
+    assert summary["stopped_at_epoch"] == reference["stopped_at_epoch"] == epoch
+    assert summary["steps"] == reference["steps"]
+    assert [r["epoch"] for r in read_csv(tmp_path / "resumed" / "metrics.csv")] == \
+        [r["epoch"] for r in read_csv(tmp_path / "reference" / "metrics.csv")]
+    expected, resumed = load_weights(tmp_path / "reference"), load_weights(tmp_path / "resumed")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_stop_at_the_end_of_an_epoch_without_validation_checkpoints_there(tiny_dataset, cadence_run, tmp_path):
+    """Epoch 1 is not validated (every 2, offset 1): its end is still a checkpoint and a place to stop."""
+    spec = make_spec(tiny_dataset, tmp_path, epochs=6, warmup_epochs=1, eval_every_epochs=2, eval_offset=1,
+                     log_every_steps=5)
+    stop = StopRequest()
+    with pytest.raises(Preempted, match="stopped at step 10"):
+        train(spec, None, stop, extra_callbacks=[StopAtStep(stop, 10)])
+    summary = train(spec, None, StopRequest())
+    assert summary["steps"] == 60
+    expected, resumed = load_weights(cadence_run[0]), load_weights(tmp_path)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lars_epsilon_reaches_the_optimizer(tiny_run):
+    from flashnet.train.module import build_model, build_optimizer
+
+    run = RunConfig.from_dict(tiny_run(lars_epsilon=1e-9))
+    optimizer = build_optimizer(run, build_model(run, 4))
+    assert {group["eps"] for group in optimizer.param_groups} == {1e-9}
+    assert RunConfig.from_dict(tiny_run()).lars_epsilon == 0.0  # MLPerf's closed rules
