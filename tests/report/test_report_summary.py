@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import csv
 import datetime
 
@@ -77,6 +79,15 @@ def test_summary_row_takes_accuracy_from_eval_and_the_rest_from_summary(make_run
                                          "AMD EPYC 7B13 (2 cores)", "16"),)
     assert software_table([run]).column("torch") == ["2.14.1"]
     assert software_table([run]).column("Git revision") == ["0123456789ab"]
+
+
+def test_a_run_that_stopped_at_its_target_says_so(make_run):
+    folder = make_run("lars-b64")
+    summary = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").write_text(json.dumps({**summary, "stopped_at_target": True, "stopped_at_epoch": 11}))
+    [run] = load_runs([folder])
+    assert summary_csv_row(run)["stopped_at_target"] == 11
+    assert recipe_table([run]).column("Epochs") == ["11 of 16 (stopped at target)"]
 
 
 def test_run_that_missed_its_target_says_not_reached(make_run):

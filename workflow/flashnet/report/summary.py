@@ -19,8 +19,8 @@ from .tables import (Table, format_count, format_duration, format_percent, forma
 SUMMARY_CSV_COLUMNS = (
     "run", "model", "global_batch", "optimizer", "precision", "nodes", "devices_per_node", "world_size",
     "accelerator", "device_name", "epochs", "steps", "final_top1", "final_top5", "target_top1",
-    "time_to_target_s", "epochs_to_target", "train_seconds", "images_per_s", "images_per_s_per_device",
-    "eval_samples",
+    "time_to_target_s", "epochs_to_target", "stopped_at_target", "train_seconds", "images_per_s",
+    "images_per_s_per_device", "eval_samples",
 )
 
 
@@ -33,7 +33,8 @@ def summary_csv_row(run: RunResults) -> dict[str, object]:
         "world_size": s["world_size"], "accelerator": s["accelerator"], "device_name": s["device_name"],
         "epochs": s["epochs"], "steps": s["steps"], "final_top1": e["top1"], "final_top5": e["top5"],
         "target_top1": s["target_top1"], "time_to_target_s": s["time_to_target_s"],
-        "epochs_to_target": s.get("epochs_to_target"), "train_seconds": s["train_seconds"],
+        "epochs_to_target": s.get("epochs_to_target"), "stopped_at_target": s.get("stopped_at_epoch"),
+        "train_seconds": s["train_seconds"],
         "images_per_s": s["images_per_s"], "images_per_s_per_device": s["images_per_s_per_device"],
         "eval_samples": e["samples"],
     }
@@ -57,6 +58,13 @@ def summary_table(runs: list[RunResults]) -> Table:
     )
 
 
+def format_epochs(epochs: float, stopped_at_epoch: int | None) -> str:
+    """``"90"``, or ``"35 of 40 (stopped at target)"`` for a run that ended at its target."""
+    if stopped_at_epoch is None:
+        return format_count(epochs)
+    return f"{format_count(stopped_at_epoch)} of {format_count(epochs)} (stopped at target)"
+
+
 def recipe_table(runs: list[RunResults]) -> Table:
     """How each run trained: model, global batch, optimizer, precision, devices, epochs."""
     rows = []
@@ -64,7 +72,7 @@ def recipe_table(runs: list[RunResults]) -> Table:
         r = summary_csv_row(run)
         rows.append((
             r["run"], r["model"], format_count(r["global_batch"]), r["optimizer"].upper(), r["precision"],
-            f"{r['nodes']} × {r['devices_per_node']}", r["device_name"], format_count(r["epochs"]),
+            f"{r['nodes']} × {r['devices_per_node']}", r["device_name"], format_epochs(r["epochs"], r["stopped_at_target"]),
         ))
     return Table(
         headers=("Run", "Model", "Global batch", "Optimizer", "Precision", "Nodes × devices", "Device", "Epochs"),
