@@ -75,3 +75,12 @@ def test_a_horizon_longer_than_the_run_is_said_plainly():
     text = resolve.describe(resolve.Resolved.of(run.replace(epochs=60), resolve.IMAGENET_TRAIN_IMAGES),
                             "cut", "run", "ImageNet")
     assert "the horizon of 2,891 steps outlasts the run's 2,340" in text
+
+
+def test_a_run_of_the_configuration_uses_its_own_manifest_once_written(tmp_path):
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    (tmp_path / "shards" / "train" / "manifest.json").write_text(json.dumps({"samples": 1003}))
+    (tmp_path / "mine.yaml").write_text(f"results_dir: {tmp_path}\n")
+    text = recipe("default", "--configfile", str(tmp_path / "mine.yaml")).stdout
+    assert f"1,003 ({tmp_path}/shards/train/manifest.json)" in text and "15 = floor(1,003 / 64)" in text
+    assert "warmup           1 epoch = 15 steps" in text

@@ -51,12 +51,23 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
 
 def resolve_run(name: str, configfiles: list[Path], root: Path = WORKFLOW_ROOT) -> tuple[cfg.RunConfig, str]:
     """(the run, where it came from): a run of the merged configuration, else a preset."""
+    run, origin, _ = resolve_with_manifest(name, configfiles, root)
+    return run, origin
+
+
+def resolve_with_manifest(name: str, configfiles: list[Path], root: Path = WORKFLOW_ROOT
+                          ) -> tuple[cfg.RunConfig, str, Path | None]:
+    """As :func:`resolve_run`, with the configuration's train manifest for a run of it (None for a
+    preset, or before the data stage has written one)."""
     presets = cfg.load_presets(root / "config" / "presets.yaml")
-    runs = cfg.expand_presets(merged_config(configfiles, root).get("runs") or {}, presets)
+    config = merged_config(configfiles, root)
+    runs = cfg.expand_presets(config.get("runs") or {}, presets)
     if name in runs:
-        return cfg.RunConfig.from_dict(runs[name], name), "run of the configuration"
+        manifest = Path(config.get("results_dir", "results")) / "shards" / "train" / "manifest.json"
+        return cfg.RunConfig.from_dict(runs[name], name), "run of the configuration", \
+            manifest if manifest.exists() else None
     if name in presets:
-        return cfg.RunConfig.from_dict({**presets[name], "preset": name}, name), "preset"
+        return cfg.RunConfig.from_dict({**presets[name], "preset": name}, name), "preset", None
     raise cfg.ConfigError(f"{name}: neither a run of the configuration ({', '.join(sorted(runs)) or 'none'}) "
                           f"nor a preset ({', '.join(sorted(presets))})")
 
@@ -129,9 +140,9 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
         ("BatchNorm span", bn),
         ("steps per epoch", f"{spe:,} = floor({resolved.train_samples:,} / {run.batch_size:,}); "
                             f"{resolved.train_samples - spe * run.batch_size:,} images an epoch left out"),
-        ("warmup", f"{run.warmup_epochs:g} epochs = {s.warmup_steps:,} steps, linear to lr {run.lr:g}"),
+        ("warmup", f"{_epochs(run.warmup_epochs)} = {s.warmup_steps:,} steps, linear to lr {run.lr:g}"),
         ("decay", f"{s.decay_steps:,} steps, power {run.lr_decay_power:g}; {horizon}"),
-        ("length", f"at most {run.epochs:g} epochs = {resolved.total_steps:,} steps; {stop}"),
+        ("length", f"at most {_epochs(run.epochs)} = {resolved.total_steps:,} steps; {stop}"),
         ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset})"),
         ("LR at step", "  ".join(f"{step:,}: {lr:.4g}" for step, lr in resolved.lr_points())),
         ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"),
@@ -146,14 +157,18 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
     return "\n".join(lines)
 
 
+def _epochs(count: float) -> str:
+    return f"{count:g} epoch" + ("" if count == 1 else "s")
+
+
 def mllog_lines(resolved: Resolved) -> list[str]:
     return [mllog.line(key, value, caller_depth=2) for key, value in
             mllog.hyperparameters(resolved.run, resolved.steps_per_epoch)]
 
 
 def recipe_from_cli(args) -> None:
-    run, origin = resolve_run(args.name, args.configfile or [])
-    samples, samples_origin = train_samples_from(args.manifest)
+    run, origin, own_manifest = resolve_with_manifest(args.name, args.configfile or [])
+    samples, samples_origin = train_samples_from(args.manifest or own_manifest)
     resolved = Resolved.of(run, samples)
     if args.mllog:
         print("\n".join(mllog_lines(resolved)))
