@@ -53,6 +53,7 @@ def make_tiny_run(**overrides) -> dict:
         precision="32-true", accelerator="cpu", nodes=1, devices_per_node=1, compile=False, loader_workers=0,
         decode_device="cpu", crop_scale=[0.35, 1.0], shuffle_buffer=64, target_top1=0.5, seed=0,
         checkpoint_every_steps=1000, log_every_steps=2,
+        loggers=["csv"], mlflow_tracking_uri=None, wandb_mode="offline",
     )
     run.update(overrides)
     RunConfig.from_dict(run)

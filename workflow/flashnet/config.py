@@ -72,7 +72,9 @@ CHOICES = {
     "precision": ("bf16-mixed", "16-mixed", "32-true"),
     "accelerator": ("auto", "cpu", "gpu"),
     "decode_device": ("cpu", "cuda"),
+    "wandb_mode": ("offline", "online", "disabled"),
 }
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +112,17 @@ class RunConfig:
     checkpoint_every_steps: int
     log_every_steps: int
     preset: str | None = None
+    loggers: tuple[str, ...] = ("csv",)
+    mlflow_tracking_uri: str | None = None
+    wandb_mode: str = "offline"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], name: str = "run") -> "RunConfig":
         values = dict(values)
         if "crop_scale" in values:
             values["crop_scale"] = tuple(values["crop_scale"])
+        if "loggers" in values:
+            values["loggers"] = tuple(values["loggers"])
         run = _from_dict(cls, values, f"runs.{name}")
         run.check(name)
         return run
@@ -147,6 +154,10 @@ class RunConfig:
             raise ConfigError(f"{where}.precision: 16-mixed needs a GPU (accelerator is cpu); use bf16-mixed or 32-true")
         if self.decode_device == "cuda" and self.accelerator == "cpu":
             raise ConfigError(f"{where}.decode_device: cuda needs a GPU (accelerator is cpu)")
+        unknown = [logger for logger in self.loggers if logger not in LOGGERS]
+        if unknown:
+            raise ConfigError(f"{where}.loggers: unknown logger(s) {', '.join(map(repr, unknown))}; "
+                              f"expected some of {', '.join(LOGGERS)}")
         low, high = self.crop_scale
         if not low <= high:
             raise ConfigError(f"{where}.crop_scale: lower bound {low} exceeds upper bound {high}")
@@ -156,6 +167,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["crop_scale"] = list(self.crop_scale)
+        values["loggers"] = list(self.loggers)
         return values
 
 

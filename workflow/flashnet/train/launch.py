@@ -36,6 +36,7 @@ from ..config import ConfigError, LauncherConfig, RunConfig
 from ..data.shards import verify_manifest
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, steps_per_epoch, train
+from .trackers import TRACKER_KEYS, require_packages
 
 
 class JobFailed(RuntimeError):
@@ -139,7 +140,8 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
 def set_aside_stale_checkpoint(spec: TrainSpec) -> None:
     """A resume checkpoint made with other settings (or other shards) is moved aside, not reused."""
     folder = spec.checkpoint.parent
-    fingerprint = {"run": spec.run, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
+    trained = {key: value for key, value in spec.run.items() if key not in TRACKER_KEYS}  # not what is logged
+    fingerprint = {"run": trained, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
     record = folder / "settings.json"
     if spec.checkpoint.exists() and record.exists() and json.loads(record.read_text()) != fingerprint:
         aside = folder.with_name(f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -363,6 +365,7 @@ def train_from_cli(args: argparse.Namespace) -> None:
     run = RunConfig.from_dict(args.run, args.name)
     launcher = LauncherConfig.from_dict(args.launcher)
     check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
+    require_packages(run, args.name)
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
     try:
