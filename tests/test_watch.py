@@ -44,7 +44,7 @@ def test_a_slurm_job_from_queue_to_requeue(tmp_path, capsys):
         "[train r] running on n[1-2]",
         "[train r] epoch 1/4, loss 1.5000, top-1 20.0 %, 48 img/s, 20s trained, ETA 1m00s",
         "[train r] stopped at step 15 (signal SIGUSR2); checkpoint c; the job is requeued",
-        "[train r] requeued (run 2 of the job); pending",
+        "[train r] requeued (run 2 of the job); back in the queue",
         "[train r] running on n1",
         "[train r] resumed from /r/checkpoints/last.ckpt",
         "[train r] epoch 2/4, loss 0.7500, top-1 40.0 %, 48 img/s, 40s trained, ETA 40s",
@@ -56,10 +56,10 @@ def test_a_slurm_job_from_queue_to_requeue(tmp_path, capsys):
 def test_between_epochs_at_most_one_step_line_a_minute(tmp_path):
     terminal = io.StringIO()
     progress = ProgressLines("train r", terminal, tmp_path, epochs=4, batch_size=16, train_samples=160, every_s=3600)
-    progress.update(Snapshot("RUNNING"), "epoch 1/4 step 2/40 loss 2.1\nepoch 1/4 step 4/40 loss 2.0\n")
-    assert lines(terminal) == ["[train r] running"]  # the step line came too soon after it
+    progress.update(Snapshot("RUNNING", "n1"), "epoch 1/4 step 2/40 loss 2.1\nepoch 1/4 step 4/40 loss 2.0\n")
+    assert lines(terminal) == ["[train r] running on n1"]  # the step line came too soon after it
     often = ProgressLines("train r", terminal, tmp_path, epochs=4, batch_size=16, train_samples=160, every_s=0)
-    often.update(Snapshot("RUNNING"), "epoch 1/4 step 6/40 loss 1.9\nepoch 1/4 step 8/40 loss 1.8\n")
+    often.update(Snapshot("RUNNING", "n1"), "epoch 1/4 step 6/40 loss 1.9\nepoch 1/4 step 8/40 loss 1.8\n")
     assert lines(terminal)[-1] == "[train r] epoch 1/4 step 8/40 loss 1.8"  # the newest one, once
 
 
@@ -67,10 +67,21 @@ def test_epochs_finished_before_this_waiter_started_are_not_repeated(tmp_path):
     write_epochs(tmp_path, 2)
     terminal = io.StringIO()
     progress = ProgressLines("train r", terminal, tmp_path, epochs=4, batch_size=16, train_samples=160)
-    progress.update(Snapshot("RUNNING"))
+    progress.update(Snapshot("RUNNING", "n1"))
     write_epochs(tmp_path, 3)
-    progress.update(Snapshot("RUNNING"))
-    assert [line.split(",")[0] for line in lines(terminal)] == ["[train r] running", "[train r] epoch 3/4"]
+    progress.update(Snapshot("RUNNING", "n1"))
+    assert [line.split(",")[0] for line in lines(terminal)] == ["[train r] running on n1", "[train r] epoch 3/4"]
+
+
+def test_a_requeue_seen_by_slurmctld_before_sacct_is_said_once():
+    terminal = io.StringIO()
+    progress = ProgressLines("train r", terminal)
+    for snapshot in (Snapshot("RUNNING"), Snapshot("RUNNING", "n1"),  # nodes not in sacct yet: wait a poll
+                     Snapshot("REQUEUED", "n1"), Snapshot("PENDING", "n1", attempts=2),
+                     Snapshot("RUNNING", "n2", attempts=2)):
+        progress.update(snapshot)
+    assert lines(terminal) == ["[train r] running on n1", "[train r] requeued (run 2 of the job); back in the queue",
+                               "[train r] running on n2"]
 
 
 def test_lines_reach_the_callers_stderr_past_the_log_redirect(tmp_path):

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace-workflow-config", action="store_true",
                    help="as snakemake's: the --configfile files replace config/config.yaml")
     p.add_argument("--directory", "-d", type=Path, default=Path("."),
-                   help="the workflow folder snakemake runs in (default: here)")
+                   help="as snakemake's: the working folder (results_dir is relative to it; default: here)")
     p.set_defaults(func=_status)
 
     p = commands.add_parser("bench", help="benchmarks (each prints its own table; see docs/benchmarks)")

@@ -23,6 +23,8 @@ from . import config as cfg
 from . import pipeline
 from .runfolder import epoch_rows, eta_s, format_duration, last_step_row, read_json, time_to_target, total_steps
 
+# The workflow this package belongs to (workflow/flashnet/ in it): its schema and presets.
+WORKFLOW_DIR = Path(__file__).resolve().parents[2]
 # One row per run of the job (-D: a requeued job keeps a record per run), no steps (-X), no header.
 SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode")
 SACCT_COMMAND = ("sacct", "-D", "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j")
@@ -224,21 +226,25 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(workflow_dir: Path, configfiles: list[Path], replace: bool) -> dict[str, Any]:
-    """The configuration Snakemake would run: config/config.yaml (unless replaced), the --configfile
-    files over it, presets expanded and the schema's defaults filled in."""
+def load_config(directory: Path, configfiles: list[Path], replace: bool) -> dict[str, Any]:
+    """The configuration Snakemake would run in ``directory``: its config/config.yaml (the workflow's
+    own where it has none) unless replaced, the --configfile files over it, presets expanded and the
+    schema's defaults filled in."""
     from snakemake.utils import validate
 
+    base = Path(directory) / "config" / "config.yaml"
+    if not base.exists():
+        base = WORKFLOW_DIR / "config" / "config.yaml"
     config: dict[str, Any] = {}
-    for path in ([] if replace and configfiles else [workflow_dir / "config" / "config.yaml"]) + list(configfiles):
+    for path in ([] if replace and configfiles else [base]) + list(configfiles):
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise cfg.ConfigError(f"{path}: cannot read it ({' '.join(str(error).split())})") from None
         config = merge(config, loaded)
-    config["runs"] = pipeline.expand_presets(config, workflow_dir)
+    config["runs"] = pipeline.expand_presets(config, WORKFLOW_DIR)
     try:
-        validate(config, str(workflow_dir / "workflow" / "schemas" / "config.schema.yaml"))
+        validate(config, str(WORKFLOW_DIR / "workflow" / "schemas" / "config.schema.yaml"))
     except Exception as error:  # snakemake's WorkflowError, naming the key
         raise cfg.ConfigError(" ".join(str(error).split())[:500]) from None
     return config

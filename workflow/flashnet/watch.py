@@ -26,6 +26,8 @@ from .runfolder import epoch_rows, eta_s, format_duration, total_steps
 STEP_LINE = re.compile(r"^epoch \d+/\d+ step \d+/\d+ .*$", re.M)
 RESUMED = re.compile(r"^resuming from (\S+)", re.M)
 REQUEUEING = re.compile(r"^(stopped at .*); requeueing$", re.M)
+# SLURM states of a job waiting in the queue (a requeued one passes through the REQUEUE* ones).
+QUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 
 
 def open_progress_fd(fd: int | None) -> TextIO | None:
@@ -59,6 +61,7 @@ class ProgressLines:
         self.every_s = every_s
         self._state = None
         self._attempts = 1
+        self._waited_for_nodes = False
         self._last_epoch = max((row["epoch"] for row in epoch_rows(run_dir)), default=0) if run_dir else 0
         self._last_line_at = -float("inf")
 
@@ -90,16 +93,22 @@ class ProgressLines:
 
     def _scheduler(self, snapshot: Snapshot) -> None:
         state = snapshot.state.split()[0] if snapshot.state else "UNKNOWN"
-        if snapshot.attempts > self._attempts:
-            self._attempts = snapshot.attempts
-            self.say(f"requeued (run {snapshot.attempts} of the job); {state.lower()}")
-        elif state == self._state:
+        state = "PENDING" if state in QUEUED_STATES else state
+        # A requeue shows as a new record in sacct, or (sooner) as a running job pending again.
+        if snapshot.attempts > self._attempts or (state == "PENDING" and self._state == "RUNNING"):
+            self._attempts = max(snapshot.attempts, self._attempts + 1)
+            self.say(f"requeued (run {self._attempts} of the job)" + ("; back in the queue" if state == "PENDING" else ""))
+            self._state = "PENDING"
+        if state == self._state:
             return
-        elif state == "PENDING":
-            self.say("queued, waiting for its nodes" if self._state is None else "back in the queue (requeued)")
+        if state == "RUNNING" and not snapshot.nodes and not self._waited_for_nodes:
+            self._waited_for_nodes = True  # sacct names the nodes a moment after slurmctld starts the job
+            return
+        if state == "PENDING":
+            self.say("queued, waiting for its nodes")
         elif state == "RUNNING":
             self.say(f"running on {snapshot.nodes}" if snapshot.nodes else "running")
-        self._state = state
+        self._state, self._waited_for_nodes = state, False
 
     def _epochs(self) -> bool:
         """A line for each epoch finished since the last poll; whether there was one."""
