@@ -23,10 +23,11 @@ from .data.loader import ValSpec, shard_paths, val_loader
 from .data.shards import sha256_file, verify_manifest
 from .data.sources import DataError
 from .data.transforms import normalize
+from .runfolder import short_reason
 from .train import launch
-from .watch import ProgressLines, open_progress_fd
 from .train.module import IGNORED, build_model
 from .train.recipe import MODEL_FORMAT, resolve_accelerator
+from .watch import ProgressLines, open_progress_fd
 
 
 def load_final_model(path: Path) -> dict[str, Any]:
@@ -155,7 +156,7 @@ def evaluate_from_cli(args: argparse.Namespace) -> None:
         progress.submitted(launcher.cluster, str(job.job_id), args.log_file, job.paths.folder, "evaluation")
         results = launch.follow(job, folder, launcher.cluster, launcher.poll_s, progress)
     except launch.JobFailed as error:
-        progress.say(f"failed: {str(error).splitlines()[0]}" + (f" (see {args.log_file})" if args.log_file else ""))
+        progress.say(f"failed: {short_reason(str(error))}" + (f" (see {args.log_file})" if args.log_file else ""))
         print(f"flashnet evaluate: {error}")
         raise SystemExit(1)
     if results["samples"] != manifest["samples"]:

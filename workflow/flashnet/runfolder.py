@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,25 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def read_rows(path: Path, numbers: tuple[str, ...] = EPOCH_NUMBERS) -> list[dict[str, float]]:
-    """The complete rows of a metrics CSV (metrics.csv, steps.csv) as numbers; a row with a missing
-    or unparsable value (a file cut short) ends the list."""
+    """The complete rows of a metrics CSV (metrics.csv, steps.csv) as numbers. A last line without
+    its newline (a file cut short) is left out, and a row with a missing or unparsable value ends
+    the list."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
     rows = []
     try:
-        with Path(path).open(newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    rows.append({key: float(row[key]) for key in numbers if key in row})
-                except (TypeError, ValueError):
-                    break
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return rows
+        for row in csv.DictReader(lines):
+            try:
+                rows.append({key: float(row[key]) for key in numbers if key in row})
+            except (TypeError, ValueError):
+                break
+    except csv.Error:
+        pass
     return rows
 
 
@@ -68,6 +76,20 @@ def time_to_target(rows: list[dict[str, float]], target: float) -> float | None:
         if row.get("val_top1", -1) >= target:
             return row["wall_s"]
     return None
+
+
+# The line that names a Python exception in a job's error text (submitit's traceback ends with it).
+EXCEPTION = re.compile(r"^\s*[\w.]*(?:Error|Exception|Loss|Interrupt)\b[^:\n]*: .+$", re.M)
+
+
+def short_reason(message: str) -> str:
+    """One line for why a job failed: the message's first line, and where that only says the job
+    failed ("job 42 (FAILED) failed:"), the exception that ended it."""
+    first, _, rest = message.strip().partition("\n")
+    if not first.endswith(":"):
+        return first
+    exceptions = EXCEPTION.findall(rest)
+    return f"{first} {exceptions[-1].strip()}" if exceptions else first.rstrip(":")
 
 
 def format_duration(seconds: float | None) -> str:

@@ -21,7 +21,8 @@ import yaml
 
 from . import config as cfg
 from . import pipeline
-from .runfolder import epoch_rows, eta_s, format_duration, last_step_row, read_json, time_to_target, total_steps
+from .runfolder import (epoch_rows, eta_s, format_duration, last_step_row, read_json, short_reason, time_to_target,
+                        total_steps)
 
 # The workflow this package belongs to (workflow/flashnet/ in it): its schema and presets.
 WORKFLOW_DIR = Path(__file__).resolve().parents[2]
@@ -31,7 +32,6 @@ SACCT_COMMAND = ("sacct", "-D", "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), 
 SUBMITTED = re.compile(r"^submitted (local|slurm) job (\S+) for run", re.M)
 FAILED = re.compile(r"^flashnet train: (.*)$", re.M)
 RESUMED = re.compile(r"^resuming from ", re.M)
-EXCEPTION = re.compile(r"^\s*[\w.]*(?:Error|Exception|Loss|Interrupt)\b[^:\n]*: .+$", re.M)
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                        "CONFIGURING", "COMPLETING")
 
@@ -202,11 +202,7 @@ def failure(text: str) -> str | None:
     failures = list(FAILED.finditer(text))
     if not failures:
         return None
-    why = failures[-1].group(1).strip().removeprefix("error: ")
-    if why.endswith(":"):
-        exceptions = EXCEPTION.findall(text[failures[-1].end():])
-        why = f"{why} {exceptions[-1].strip()}" if exceptions else why.rstrip(":")
-    return f"failed: {why}"
+    return f"failed: {short_reason(text[failures[-1].start(1):]).removeprefix('error: ')}"
 
 
 def format_table(statuses: list[RunStatus]) -> str:

@@ -33,8 +33,9 @@ import torch
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from ..config import ConfigError, LauncherConfig, RunConfig
-from ..progress import format_duration
 from ..data.shards import verify_manifest
+from ..progress import format_duration
+from ..runfolder import short_reason
 from ..watch import ProgressLines, Snapshot, open_progress_fd
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, steps_per_epoch, train
@@ -173,8 +174,9 @@ class LogFollower:
             return ""
         with open(path, "rb") as f:
             f.seek(self.offset)
-            text = f.read().decode(errors="replace")
-        self.offset += len(text.encode(errors="replace"))
+            data = f.read()
+        self.offset += len(data)
+        text = data.decode(errors="replace")
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -393,7 +395,7 @@ def train_from_cli(args: argparse.Namespace) -> None:
         progress.submitted(launcher.cluster, str(job.job_id), args.log_file, job.paths.folder)
         summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s, progress)
     except JobFailed as error:
-        progress.say(f"failed: {str(error).splitlines()[0]}" + (f" (see {args.log_file})" if args.log_file else ""))
+        progress.say(f"failed: {short_reason(str(error))}" + (f" (see {args.log_file})" if args.log_file else ""))
         print(f"flashnet train: {error}", file=sys.stderr)
         raise SystemExit(1)
     top1 = summary["final_top1"]
