@@ -52,7 +52,8 @@ def make_run(results: Path, name: str, epochs: int = 0, job: tuple[str, str] | N
                    for s in range(5, 15 * epochs + 1, 5)])
     lines = []
     if job:
-        lines.append(f"submitted {job[0]} job {job[1]} for run {name}; 1 node(s) × 2 device(s); logs in {run_dir}/jobs")
+        lines.append(f"submitted {job[0]} job {job[1]} for run {name}; 1 node(s) × 2 device(s); "
+                     f"logs in {run_dir}/jobs")
         if waiting:
             (run_dir / "jobs" / "active.json").write_text(json.dumps({"cluster": job[0], "job_id": job[1]}))
     log_file = results / "logs" / "train" / f"{name}.log"

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import yaml
 
-from helpers import (REPO, TINY_CONFIG, VENV_BIN, Workflow, check_report, check_run, check_shards, describe, dry_run_jobs,
-                     expected_jobs)
+from helpers import (REPO, TINY_CONFIG, VENV_BIN, Workflow, check_report, check_run, check_shards, describe,
+                     dry_run_jobs, expected_jobs)
 
 pytestmark = pytest.mark.e2e
 

@@ -172,7 +172,7 @@ def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples:
     if summary.get("finished"):
         evaluated = (run_dir / "eval.json").exists()
         status.state = "finished" + (", evaluated" if evaluated else ", evaluating" if job and job[2] else "")
-        status.job = job[1] if job else ""
+        status.job = f"{job[1]} ({job[0]})" if job else ""
         return status
     if job is None:
         status.state = failure(text) or ("stopped" if step else "not started")
@@ -249,7 +249,8 @@ def load_config(directory: Path, configfiles: list[Path], replace: bool) -> dict
 def statuses(config: dict[str, Any], directory: Path = Path("."), **probes) -> list[RunStatus]:
     results_dir = Path(directory) / config["results_dir"]  # an absolute results_dir stays as it is
     manifest = read_json(results_dir / "shards" / "train" / "manifest.json") or {}
-    return [run_status(name, run, results_dir, manifest.get("samples"), **probes) for name, run in config["runs"].items()]
+    return [run_status(name, run, results_dir, manifest.get("samples"), **probes)
+            for name, run in config["runs"].items()]
 
 
 def status_from_cli(args: argparse.Namespace) -> None:

@@ -97,7 +97,8 @@ class ProgressLines:
         # A requeue shows as a new record in sacct, or (sooner) as a running job pending again.
         if snapshot.attempts > self._attempts or (state == "PENDING" and self._state == "RUNNING"):
             self._attempts = max(snapshot.attempts, self._attempts + 1)
-            self.say(f"requeued (run {self._attempts} of the job)" + ("; back in the queue" if state == "PENDING" else ""))
+            queue = "; back in the queue" if state == "PENDING" else ""
+            self.say(f"requeued (run {self._attempts} of the job){queue}")
             self._state = "PENDING"
         if state == self._state:
             return
