@@ -113,6 +113,11 @@ def test_slurm_job_requeued_twice(tmp_path):
     assert status_of(tmp_path, "r", pending_again).state == "queued, requeued ×2"
 
 
+def test_slurm_job_still_running_after_snakemake_was_killed(tmp_path):
+    make_run(tmp_path, "r", epochs=1, job=("slurm", "42"))  # in the log, but no active.json: nobody waits
+    assert status_of(tmp_path, "r", SACCT_RUNNING).state == "running, no rule waiting on it"
+
+
 def test_slurm_job_without_sacct_here(tmp_path):
     make_run(tmp_path, "r", job=("slurm", "42"), waiting=True)
     assert status_of(tmp_path, "r", None).state == "submitted (no sacct here to ask)"
@@ -158,6 +163,19 @@ def test_finished_and_evaluated(tmp_path):
                                                               "4m00s")
     make_run(tmp_path, "low", epochs=8, finished=True, top1s=(0.1,) * 8)
     assert status_of(tmp_path, "low").to_target == "not reached"
+
+
+def test_finished_run_being_evaluated_or_whose_evaluation_failed(tmp_path):
+    run_dir = make_run(tmp_path, "r", epochs=8, job=("local", "4242"), finished=True)
+    (run_dir / "jobs" / "active.json").write_text(json.dumps({"cluster": "local", "job_id": "5151"}))
+    s = status_of(tmp_path, "r", alive=True)
+    assert (s.state, s.job) == ("finished, evaluating", "5151 (local)")
+    (run_dir / "jobs" / "active.json").unlink()
+    log = tmp_path / "logs" / "evaluate" / "r.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("flashnet evaluate: error: evaluated 290 samples but val/manifest.json lists 300\n")
+    assert status_of(tmp_path, "r").state == ("finished, evaluation failed: evaluated 290 samples but "
+                                              "val/manifest.json lists 300")
 
 
 def test_half_written_run_folder_never_fails(tmp_path):

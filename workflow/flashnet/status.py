@@ -30,7 +30,6 @@ WORKFLOW_DIR = Path(__file__).resolve().parents[2]
 SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode")
 SACCT_COMMAND = ("sacct", "-D", "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j")
 SUBMITTED = re.compile(r"^submitted (local|slurm) job (\S+) for run", re.M)
-FAILED = re.compile(r"^flashnet train: (.*)$", re.M)
 RESUMED = re.compile(r"^resuming from ", re.M)
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                        "CONFIGURING", "COMPLETING")
@@ -142,20 +141,48 @@ def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples:
                alive: Callable[[str], bool] = local_job_alive) -> RunStatus:
     run_dir = results_dir / "runs" / name
     rule_log = results_dir / "logs" / "train" / f"{name}.log"
-    text = read_text(rule_log)
     status = RunStatus(name, "not started", logs=f"{rule_log}, {run_dir / 'jobs'}")
-    rows = epoch_rows(run_dir)
-    step_row = last_step_row(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
-    total = total_steps(run["epochs"], run["batch_size"], train_samples)
+    step, wall = fill_progress(status, run, run_dir, summary, train_samples)
+    text = read_text(rule_log)
+    job = job_of(run_dir, rule_log, text)
+    if summary.get("finished"):
+        status.state = finished_state(run_dir, results_dir / "logs" / "evaluate" / f"{name}.log", job)
+        status.job = f"{job[1]} ({job[0]})" if job else ""
+        return status
+    if job is None:
+        status.state = failure(text) or ("stopped" if step else "not started")
+        return status
+    cluster, job_id, waiting = job
+    status.job = f"{job_id} ({cluster})"
+    state, status.nodes, requeues = job_state(cluster, job_id, waiting, sacct, alive)
+    if state in ("queued", "running") or state.startswith("submitted"):
+        again = requeues or (len(RESUMED.findall(text)) if cluster == "local" else 0)
+        status.state = state + (f", requeued ×{again}" if again else "") + ("" if waiting else ", no rule waiting on it")
+        if state == "running":
+            status.eta = format_duration(eta_s(step, total_steps(run["epochs"], run["batch_size"], train_samples),
+                                               wall))
+    elif failure(text):
+        status.state = failure(text)
+    elif state:
+        status.state = f"failed: SLURM says {state}" + (f" after {requeues} requeue(s)" if requeues else "")
+    else:
+        status.state = "stopped" + (" (resumable)" if (run_dir / "checkpoints" / "last.ckpt").exists() else "")
+    return status
 
-    # progress: the newest of the epoch and step records
+
+def fill_progress(status: RunStatus, run: dict[str, Any], run_dir: Path, summary: dict[str, Any],
+                  train_samples: int | None) -> tuple[float, float]:
+    """Epoch, step, top-1, images/s, time trained and time to target from the newest records;
+    returns (step, seconds trained)."""
+    rows, step_row = epoch_rows(run_dir), last_step_row(run_dir)
     step = max([r["step"] for r in rows] + ([step_row["step"]] if step_row else []), default=0)
     wall = max([r["wall_s"] for r in rows] + ([step_row["wall_s"]] if step_row else []), default=0.0)
     if summary.get("finished"):
         step, wall = summary.get("steps", step), summary.get("train_seconds", wall)
+    total = total_steps(run["epochs"], run["batch_size"], train_samples)
     if step:
-        status.epoch = f"{rows[-1]['epoch']:.0f}/{run['epochs']:g}" if rows else f"0/{run['epochs']:g}"
+        status.epoch = f"{rows[-1]['epoch'] if rows else 0:.0f}/{run['epochs']:g}"
         status.step = f"{step:.0f}/{total}" if total else f"{step:.0f}"
         status.time_used = format_duration(wall)
     if rows and "val_top1" in rows[-1]:
@@ -165,41 +192,22 @@ def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples:
         status.images_per_s = f"{rate:.0f}"
     reached = time_to_target(rows, run["target_top1"])
     status.to_target = format_duration(reached) if reached is not None else ("not reached" if summary else "")
-
-    # state: finished, a job the scheduler knows, a failure the rule recorded, or stopped
-    job = job_of(run_dir, rule_log, text)
-    resumes = len(RESUMED.findall(text))
-    if summary.get("finished"):
-        evaluated = (run_dir / "eval.json").exists()
-        status.state = "finished" + (", evaluated" if evaluated else ", evaluating" if job and job[2] else "")
-        status.job = f"{job[1]} ({job[0]})" if job else ""
-        return status
-    if job is None:
-        status.state = failure(text) or ("stopped" if step else "not started")
-        return status
-    cluster, job_id, waiting = job
-    status.job = f"{job_id} ({cluster})"
-    state, nodes, requeues = job_state(cluster, job_id, waiting, sacct, alive)
-    status.nodes = nodes
-    if state in ("queued", "running") or state.startswith("submitted"):
-        again = requeues or (resumes if cluster == "local" else 0)
-        status.state = state + (f", requeued ×{again}" if again else "")
-        if state == "running":
-            status.eta = format_duration(eta_s(step, total, wall))
-        return status
-    if failure(text):
-        status.state = failure(text)
-    elif state:
-        status.state = f"failed: SLURM says {state}" + (f" after {requeues} requeue(s)" if requeues else "")
-    else:
-        status.state = "stopped" + (" (resumable)" if (run_dir / "checkpoints" / "last.ckpt").exists() else "")
-    return status
+    return step, wall
 
 
-def failure(text: str) -> str | None:
-    """``failed: <why>`` from the rule log's last ``flashnet train:`` line (and, where that only says
-    the job failed, the exception that ended it)."""
-    failures = list(FAILED.finditer(text))
+def finished_state(run_dir: Path, evaluate_log: Path, job: tuple[str, str, bool] | None) -> str:
+    if (run_dir / "eval.json").exists():
+        return "finished, evaluated"
+    if job and job[2]:  # a rule waits on a job of a finished run: the evaluation
+        return "finished, evaluating"
+    evaluation = failure(read_text(evaluate_log), "evaluate")
+    return f"finished, evaluation {evaluation}" if evaluation else "finished"
+
+
+def failure(text: str, command: str = "train") -> str | None:
+    """``failed: <why>`` from a rule log's last ``flashnet <command>:`` line (and, where that only
+    says the job failed, the exception that ended it)."""
+    failures = list(re.finditer(rf"^flashnet {command}: (.*)$", text, re.M))
     if not failures:
         return None
     return f"failed: {short_reason(text[failures[-1].start(1):]).removeprefix('error: ')}"

@@ -88,7 +88,7 @@ def build_loggers(run: RunConfig, name: str, out_dir: Path) -> list[pl.loggers.L
         from pytorch_lightning.loggers import MLFlowLogger
 
         uri = run.mlflow_tracking_uri or default_mlflow_uri(out_dir)
-        if uri.startswith("file:"):
+        if uri.startswith("file:") or "://" not in uri:  # a file URI or a plain path
             # MLflow 3 refuses its file store (in "maintenance mode") unless told; a database
             # store would need the full mlflow package, and a file store is what a run folder wants.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
