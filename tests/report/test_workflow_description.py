@@ -57,7 +57,7 @@ def test_runs_render_as_a_table_without_system_messages(config_file, runs):
     assert [row[0] for row in rows[1:]] == runs
     first = config["runs"][runs[0]]
     assert rows[1][1:4] == [first["model"], f"{first['image_size']} px", str(first["batch_size"])]
-    html = publish_parts(rst, writer_name="html")["html_body"]
+    html = publish_parts(rst, writer="html")["html_body"]
     assert "system-message" not in html
 
 
