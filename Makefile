@@ -8,11 +8,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST := $(PYTHON) -m pytest
 ALLOW_EMPTY := || [ $$? -eq 5 ]
 
-.PHONY: run test test-fast test-e2e install
+.PHONY: run status test test-fast test-e2e install
 
 run: $(INSTALLED)  ## the whole pipeline on the generated sample data, locally, on the CPU
 	snakemake --profile profiles/local
 	@echo "report: $$(pwd)/results/report/report.html (and results/report/summary.md)"
+
+status: $(INSTALLED)  ## where each run stands; CONFIG=my.yaml for the runs of another --configfile
+	flashnet status $(if $(CONFIG),--configfile $(CONFIG))
 
 test: $(INSTALLED)  ## what CI runs: the fast suite, then the end-to-end group (needs root)
 	tests/e2e/cluster/system-deps.sh

@@ -1,6 +1,7 @@
 """Headless Debian Chromium driven over the DevTools protocol (standard library only), for tests
-that open a page as a person would: console errors, uncaught exceptions, failed loads and any
-request that leaves the file are collected; the DOM, headings and screenshots come back.
+that open a page as a person would: console errors, uncaught exceptions, failed loads, any request
+that leaves the file and docutils' "System Message" blocks are collected; the DOM, headings and
+screenshots come back.
 
 Skips when Chromium is missing, unless FLASHNET_REQUIRE_BROWSER=1 (CI installs it with
 tests/e2e/cluster/system-deps.sh). FLASHNET_CHROMIUM=<path> picks another binary;
@@ -137,6 +138,10 @@ def load_page(chromium: str, page: Path, profile: Path) -> dict:
 
         evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")  # painted
         dom = evaluate("document.documentElement.outerHTML")
+        # docutils renders a reStructuredText problem (a caption, Snakemake's workflow description)
+        # into the page as a "System Message" block instead of failing: it counts as a problem.
+        system_messages = evaluate("[...document.querySelectorAll('.system-message')]"
+                                   ".map(m => m.textContent.replace(/\\s+/g, ' ').trim())")
         headings = evaluate("[...document.querySelectorAll('h1, h2')].map(h => h.textContent.trim())")
         images = evaluate("[...document.images].map(i => ({alt: i.alt, loaded: i.complete && i.naturalWidth > 0}))")
         accuracy_box = evaluate("""(() => { const i = document.querySelector('#figure-accuracy_vs_epoch img');
@@ -155,7 +160,8 @@ def load_page(chromium: str, page: Path, profile: Path) -> dict:
             "Page.captureScreenshot",
             {"format": "png", "captureBeyondViewport": True, "clip": {"x": 0, "y": 0, **size, "scale": 1}},
             session=session)["data"])
-        return {"problems": page_problems(browser.events), "dom": dom, "headings": headings, "images": images,
+        problems = page_problems(browser.events) + [f"docutils system message: {m}" for m in system_messages]
+        return {"problems": problems, "dom": dom, "headings": headings, "images": images,
                 "viewport_png": viewport, "accuracy_png": accuracy, "full_page_png": full_page}
     finally:
         browser.close()

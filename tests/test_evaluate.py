@@ -67,7 +67,7 @@ def test_evaluation_counts_every_val_sample_once_and_agrees(trained, tiny_datase
 
 def args_for(run_dir, tiny_dataset, out):
     return argparse.Namespace(run_dir=run_dir, val_manifest=tiny_dataset.val_manifest, launcher=LOCAL,
-                              batch_size=10, devices=1, workers=0, out=out)
+                              batch_size=10, devices=1, workers=0, out=out, progress_fd=None, log_file=None)
 
 
 def test_evaluate_from_cli_writes_eval_json(trained, tiny_dataset, tmp_path):

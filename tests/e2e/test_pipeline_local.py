@@ -4,11 +4,14 @@ submitit's local executor, evaluation, report."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import pytest
 import yaml
 
-from helpers import (REPO, TINY_CONFIG, Workflow, check_report, check_run, check_shards, describe, dry_run_jobs,
-                     expected_jobs)
+from helpers import (REPO, TINY_CONFIG, VENV_BIN, Workflow, check_report, check_run, check_shards, describe,
+                     dry_run_jobs, expected_jobs)
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +103,8 @@ def test_snakemakes_own_report(local_run, tmp_path):
 
 def test_the_shipped_default_runs_end_to_end(tmp_path):
     """What `make run` runs: config/config.yaml as shipped (10 generated classes, the `default` run),
-    with the local profile, in a folder of its own."""
+    with the local profile, in a folder of its own. Its terminal shows the training advance (the
+    progress lines reach Snakemake's stderr, no tty needed), and `flashnet status` says it finished."""
     shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     workflow = Workflow.create(tmp_path / "default", shipped)
     proc = workflow.snakemake("--profile", PROFILE)
@@ -108,3 +112,29 @@ def test_the_shipped_default_runs_end_to_end(tmp_path):
     check_shards(workflow.results)
     check_run(workflow)
     check_report(workflow.results)
+    check_progress_lines(proc.stdout + proc.stderr, workflow, shipped["runs"]["default"]["epochs"])
+
+    status = subprocess.run([str(VENV_BIN / "flashnet"), "status", "--directory", str(workflow.workdir),
+                             "--configfile", str(workflow.workdir / "overlay.yaml")],
+                            cwd=REPO, env=workflow.env, capture_output=True, text=True, check=False)
+    assert status.returncode == 0, status.stderr
+    (row,) = [line for line in status.stdout.splitlines() if line.startswith("default ")]
+    assert "finished, evaluated" in row and "8/8" in row, status.stdout
+
+
+def check_progress_lines(terminal: str, workflow: Workflow, epochs: int) -> None:
+    ours = [line for line in terminal.splitlines() if line.startswith(("[train default]", "[evaluate default]"))]
+    assert re.fullmatch(r"\[train default\] submitted local job \d+; log \S+/logs/train/default.log, job logs in "
+                        r"\S+/runs/default/jobs", ours[0]), ours
+    epoch_lines = [line for line in ours if line.startswith("[train default] epoch ")]
+    # one line per epoch, each with loss, top-1, images/s and an ETA; nothing floods in between
+    assert [line.split(",")[0] for line in epoch_lines] == [f"[train default] epoch {e}/{epochs}"
+                                                            for e in range(1, epochs + 1)], ours
+    assert all(re.search(r"loss [\d.]+, top-1 [\d.]+ %, \d+ img/s, .* trained, ETA", line) for line in epoch_lines)
+    assert any(line.startswith("[train default] finished: top-1 ") for line in ours), ours
+    assert ours[-1].startswith("[evaluate default] finished: top-1 "), ours
+    assert len(ours) <= epochs + 10, ours
+    # the log has them too, with the job's full output
+    log = (workflow.results / "logs" / "train" / "default.log").read_text()
+    assert all(line in log for line in ours if line.startswith("[train default]"))
+    assert "step" in log and "val top-1" in log

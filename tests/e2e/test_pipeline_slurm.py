@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from helpers import (REPO, RUN, Workflow, check_report, check_run, check_shards, describe, different_tensors,
+from helpers import (REPO, RUN, VENV_BIN, Workflow, check_report, check_run, check_shards, describe, different_tensors,
                      dry_run_jobs, expected_jobs, manifest, metrics, model_weights, progress_steps,
                      shard_identities, stop, summary, tiny_config, wait_for)
 
@@ -217,6 +217,52 @@ def test_training_survives_usr2_and_requeue(slurm_run, slurm_cluster, slurm_env,
     for column in ("step", "val_top1", "val_top5", "train_loss", "lr"):
         assert [r[column] for r in rows] == [r[column] for r in reference], column
     assert different_tensors(model_weights(workflow.run_dir), model_weights(slurm_run.run_dir)) == []
+
+
+def flashnet_status(workflow: Workflow, slurm_cluster) -> dict[str, str]:
+    """`flashnet status` for the workflow's configuration, beside the cluster (sacct answers): {run: row}."""
+    proc = slurm_cluster.run([str(VENV_BIN / "flashnet"), "status", "--directory", str(workflow.workdir),
+                              "--configfile", str(workflow.workdir / "overlay.yaml")], cwd=REPO)
+    return {line.split()[0]: line for line in proc.stdout.splitlines()[2:] if line.strip()}
+
+
+def status_row(workflow: Workflow, slurm_cluster, *words: str) -> str | None:
+    row = flashnet_status(workflow, slurm_cluster).get(RUN, "")
+    return row if all(word in row for word in words) else None
+
+
+def test_status_and_terminal_lines_follow_a_queued_running_and_requeued_job(slurm_run, slurm_cluster, slurm_env,
+                                                                            tmp_path):
+    """`flashnet status` and the progress lines on Snakemake's terminal while the training job waits
+    in the queue behind a job holding both nodes, then runs on them, then is requeued (`scontrol
+    requeue`, what preemption does) and runs again to the end."""
+    workflow = reuse_shards(slurm_run, slurm_env, tmp_path / "wf")
+    assert status_row(workflow, slurm_cluster, "not started")
+    blocker = slurm_cluster.sbatch("--nodes=2", "--job-name=blocker", f"--output={tmp_path}/blocker-%j.out",
+                                   "--wrap", "sleep 600")
+    proc = workflow.start(*PROFILE, *FAST, TRAINED)
+    log = tmp_path / "wf" / "snakemake.log"
+    try:
+        job_id = wait_for(lambda: train_job_id(workflow), 180, "the training job")
+        queued = wait_for(lambda: status_row(workflow, slurm_cluster, "queued"), 120, "status: queued")
+        assert f"{job_id} (slurm)" in queued and "requeued" not in queued, queued
+        slurm_cluster.run(["scancel", blocker])
+        running = wait_for(lambda: status_row(workflow, slurm_cluster, "running") if latest_step(workflow) >= 3
+                           else None, 300, "status: running, past step 3")
+        nodes = allocations(slurm_cluster, job_id)[-1]["NodeList"]
+        assert nodes in running and "requeued" not in running, running
+        slurm_cluster.run(["scontrol", "requeue", job_id])
+        wait_for(lambda: status_row(workflow, slurm_cluster, "requeued ×1"), 120, "status: requeued ×1")
+        assert proc.wait(timeout=900) == 0, describe(None, log)
+    finally:
+        stop(proc)
+        slurm_cluster.run(["scancel", blocker], check=False)
+    assert status_row(workflow, slurm_cluster, "finished")
+    terminal = log.read_text()
+    for line in (f"[train {RUN}] submitted slurm job {job_id}; log ", f"[train {RUN}] queued, waiting for its nodes",
+                 f"[train {RUN}] running on {nodes}", f"[train {RUN}] requeued (run 2 of the job)",
+                 f"[train {RUN}] resumed from ", f"[train {RUN}] epoch 1/", f"[train {RUN}] finished: top-1 "):
+        assert line in terminal, terminal[-4000:]
 
 
 def test_lost_node_fails_the_rule_and_rerun_resumes(slurm_run, slurm_cluster, slurm_env, tmp_path):

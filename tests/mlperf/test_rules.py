@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from flashnet.config import RunConfig
 from flashnet.mlperf.rules import closed_division_breaks, division
 from flashnet.resolve import resolve_run
 

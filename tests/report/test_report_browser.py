@@ -22,18 +22,22 @@ from flashnet.report.html import SECTIONS
 
 
 def test_checks_catch_a_broken_page(tmp_path):
-    """The same checks on a page that throws, logs an error and reaches out must report all three."""
+    """The same checks on a page that throws, logs an error, reaches out and shows a docutils system
+    message must report all four."""
     chromium = require_chromium()
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>broken</title></head><body>'
                     "<h1>broken</h1><script>console.error('deliberate console error');</script>"
                     "<script>throw new Error('deliberate exception');</script>"
+                    '<div class="system-message"><p class="system-message-title">System Message: ERROR/3 '
+                    '(<tt>&lt;string&gt;</tt>, line 19)</p>\n<p>Unexpected indentation.</p></div>'
                     '<img src="http://flashnet.invalid/missing.png" alt="external"></body></html>')
     seen = load_page(chromium, page, tmp_path / "profile")
     problems = "\n".join(seen["problems"])
     assert "deliberate console error" in problems
     assert "deliberate exception" in problems
     assert "request outside the page: http://flashnet.invalid/missing.png" in problems
+    assert "docutils system message: System Message: ERROR/3 (<string>, line 19) Unexpected indentation." in problems
     assert seen["headings"] == ["broken"]
 
 

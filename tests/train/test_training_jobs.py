@@ -72,3 +72,39 @@ def test_ddp_job_survives_two_usr2_interruptions(tiny_dataset, tmp_path):
 def test_job_folder_is_private(tiny_dataset, tmp_path):
     folder = launch.private_dir(tmp_path / "jobs")
     assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_ddp_job_with_trackers_requeued_logs_to_one_run_and_says_so(tiny_dataset, tmp_path, monkeypatch):
+    """Two ranks, the three trackers and one USR2 requeue: rank 0 alone logs, the resumed job goes on
+    in the same MLflow and W&B runs, and the waiter's progress lines tell the requeue and resume."""
+    import io
+
+    from flashnet.watch import ProgressLines
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out, mlruns = tmp_path / "runs" / "ddp", (tmp_path / "mlruns").as_uri()
+    job = start(tiny_dataset, out, loggers=["csv", "tensorboard", "mlflow", "wandb"], mlflow_tracking_uri=mlruns)
+    terminal = io.StringIO()
+    progress = ProgressLines("train ddp", terminal, out, epochs=2, batch_size=16, train_samples=160)
+    wait_for_step(job, 3)
+    for pid in task_pids(out / "jobs"):
+        os.kill(pid, signal.SIGUSR2)
+    summary = launch.wait(job, 0.5, progress)
+    assert summary["world_size"] == 2
+
+    said = terminal.getvalue()
+    assert "; the job is requeued" in said and "[train ddp] resumed from " in said, said
+    assert said.count("[train ddp] epoch ") == 2, said
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns)
+    (run,) = client.search_runs([client.get_experiment_by_name("flashnet").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epochs/val_top1")] == [10, 20]
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one folder per job segment, one run id
+    assert len({p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")}) == 1
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # rank 0, once per segment

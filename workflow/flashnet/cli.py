@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -75,6 +74,12 @@ def _recipe(args) -> None:
     resolve.recipe_from_cli(args)
 
 
+def _status(args) -> None:
+    from . import status
+
+    status.status_from_cli(args)
+
+
 def _report(args) -> None:
     from .report import build
 
@@ -99,6 +104,13 @@ def _json_object(text: str) -> dict:
         return loads_json_arg(text, "argument")
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress-fd", type=int, default=None,
+                   help="also write the short progress lines to this open file descriptor (the rule passes "
+                        "Snakemake's stderr as 3, since its own output goes to the log)")
+    p.add_argument("--log-file", type=Path, default=None, help="where this command's output goes, to name it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-manifest", type=Path, required=True)
     p.add_argument("--val-manifest", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
+    add_progress_options(p)
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="evaluate a run's final checkpoint on the val shards")
@@ -167,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
+    add_progress_options(p)
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("recipe", help="show what a run or preset resolves to, before any GPU is spent")
@@ -182,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", type=_json_object, required=True, help="the config's report section (JSON)")
     p.add_argument("--out-dir", type=Path, required=True)
     p.set_defaults(func=_report)
+
+    p = commands.add_parser("status", help="where every run of the configuration stands (reads only)")
+    p.add_argument("--configfile", type=Path, action="append",
+                   help="as given to snakemake: merged over config/config.yaml (repeatable)")
+    p.add_argument("--replace-workflow-config", action="store_true",
+                   help="as snakemake's: the --configfile files replace config/config.yaml")
+    p.add_argument("--directory", "-d", type=Path, default=Path("."),
+                   help="as snakemake's: the working folder (results_dir is relative to it; default: here)")
+    p.set_defaults(func=_status)
 
     p = commands.add_parser("bench", help="benchmarks (each prints its own table; see docs/benchmarks)")
     p.add_argument("benchmark", choices=sorted(BENCHMARKS))

@@ -24,7 +24,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+WORKFLOW_ROOT = Path(__file__).resolve().parents[2]  # holds the Snakefile and config/
+SCHEMA_FILE = WORKFLOW_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,7 @@ def schema() -> dict[str, Any]:
 def section(pointer: str) -> dict[str, Any]:
     """The sub-schema at ``pointer`` (``"$defs/run"``, ``"properties/launcher"``)."""
     node = schema()
-    for part in pointer.split("/"):
+    for part in filter(None, pointer.split("/")):
         node = node[part]
     return node
 
@@ -146,6 +147,43 @@ def expand_presets(runs: Any, presets: dict[str, dict[str, Any]]) -> dict[str, d
             )
         expanded[name] = {**presets[preset_name], **run}
     return expanded
+
+
+def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Snakemake's merge of a --configfile over the config: nested mappings merge, the rest replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = merge_config(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def load_workflow_config(directory: Path, configfiles: list[Path], replace: bool = False) -> dict[str, Any]:
+    """The configuration Snakemake would run in ``directory``: its config/config.yaml (the workflow's
+    own where it has none) unless replaced, the --configfile files over it, presets expanded and the
+    schema's defaults filled in (Snakemake's own validation, naming the key)."""
+    from snakemake.utils import validate as snakemake_validate
+
+    base = Path(directory) / "config" / "config.yaml"
+    if not base.exists():
+        base = WORKFLOW_ROOT / "config" / "config.yaml"
+    config: dict[str, Any] = {}
+    for path in ([] if replace and configfiles else [base]) + list(configfiles):
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: cannot read it ({' '.join(str(error).split())})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        config = merge_config(config, loaded)
+    config["runs"] = expand_presets(config.get("runs", {}), load_presets(WORKFLOW_ROOT / "config" / "presets.yaml"))
+    for name, run in config["runs"].items():  # one line naming runs.<name>.<key>
+        RunConfig.from_dict(run, name)
+    try:
+        snakemake_validate(config, str(SCHEMA_FILE))
+    except Exception as error:  # snakemake's WorkflowError, naming the key
+        raise ConfigError(" ".join(str(error).split())[:500]) from None
+    return config
 
 
 # --------------------------------------------------------------------------- runs

@@ -23,9 +23,11 @@ from .data.loader import ValSpec, shard_paths, val_loader
 from .data.shards import sha256_file, verify_manifest
 from .data.sources import DataError
 from .data.transforms import normalize
+from .runfolder import short_reason
 from .train import launch
 from .train.module import IGNORED, build_model
 from .train.recipe import MODEL_FORMAT, resolve_accelerator
+from .watch import ProgressLines, open_progress_fd
 
 
 def load_final_model(path: Path) -> dict[str, Any]:
@@ -146,13 +148,15 @@ def evaluate_from_cli(args: argparse.Namespace) -> None:
     spec = EvalSpec(str(model_path.resolve()), str(args.val_manifest.resolve()), args.batch_size, args.devices,
                     args.workers, launcher.cpus_per_task)
     folder = launch.private_dir(run_dir / "jobs")
+    progress = ProgressLines(f"evaluate {record['name']}", open_progress_fd(args.progress_fd))
     executor = launch.make_executor(launcher, 1, args.devices, folder, f"flashnet-eval-{record['name']}")
     try:
         launch.refuse_if_running(folder)
         job = executor.submit(EvalJob(spec))
-        print(f"submitted {launcher.cluster} evaluation job {job.job_id}; logs in {job.paths.folder}", flush=True)
-        results = launch.follow(job, folder, launcher.cluster, launcher.poll_s)
+        progress.submitted(launcher.cluster, str(job.job_id), args.log_file, job.paths.folder, "evaluation")
+        results = launch.follow(job, folder, launcher.cluster, launcher.poll_s, progress)
     except launch.JobFailed as error:
+        progress.say(f"failed: {short_reason(str(error))}" + (f" (see {args.log_file})" if args.log_file else ""))
         print(f"flashnet evaluate: {error}")
         raise SystemExit(1)
     if results["samples"] != manifest["samples"]:
@@ -162,5 +166,5 @@ def evaluate_from_cli(args: argparse.Namespace) -> None:
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, args.out)
-    print(f"{record['name']}: top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f} over {results['samples']} "
-          f"val images → {args.out}")
+    progress.say(f"finished: top-1 {100 * results['top1']:.2f} %, top-5 {100 * results['top5']:.2f} % over "
+                 f"{results['samples']} val images → {args.out}")

@@ -1,7 +1,7 @@
 """``flashnet recipe``: a run or preset resolved as a person checks it before spending GPU-hours.
 
 It reads the configuration the way the workflow does (``config/config.yaml``, then each
-``--configfile`` merged over it, presets expanded, every key validated), and shows what the training
+``--configfile`` merged over it, presets expanded, every key validated: ``config.load_workflow_config``), and shows what the training
 job will do with it: batches, steps, the LR schedule's points, the validation epochs, and the MLPerf
 division whose rules it meets. ``--mllog`` prints instead the init-phase hyperparameters the run's
 MLPerf log carries, as ``:::MLLOG`` lines.
@@ -13,40 +13,15 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
 
-import yaml
 
 from . import config as cfg
 from .mlperf import mllog
 from .mlperf.rules import closed_division_breaks
 from .train.schedule import WarmupPolySchedule, schedule_for_run, steps_per_epoch, total_steps
 
-WORKFLOW_ROOT = Path(__file__).resolve().parents[2]  # holds config/ and the Snakefile
+WORKFLOW_ROOT = cfg.WORKFLOW_ROOT
 IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
-def merged_config(configfiles: list[Path], root: Path = WORKFLOW_ROOT) -> dict[str, Any]:
-    """``config/config.yaml`` with each file merged over it in order, nested mappings key by key
-    (Snakemake's ``--configfile`` rule)."""
-    merged: dict[str, Any] = {}
-    for path in [root / "config" / "config.yaml", *configfiles]:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise cfg.ConfigError(f"{path}: cannot read it as YAML ({error})") from None
-        if not isinstance(loaded, dict):
-            raise cfg.ConfigError(f"{path}: expected a mapping of config keys")
-        _merge(merged, loaded)
-    return merged
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def resolve_run(name: str, configfiles: list[Path], root: Path = WORKFLOW_ROOT) -> tuple[cfg.RunConfig, str]:
@@ -60,8 +35,8 @@ def resolve_with_manifest(name: str, configfiles: list[Path], root: Path = WORKF
     """As :func:`resolve_run`, with the configuration's train manifest for a run of it (None for a
     preset, or before the data stage has written one)."""
     presets = cfg.load_presets(root / "config" / "presets.yaml")
-    config = merged_config(configfiles, root)
-    runs = cfg.expand_presets(config.get("runs") or {}, presets)
+    config = cfg.load_workflow_config(Path("."), configfiles)
+    runs = config["runs"]
     if name in runs:
         manifest = Path(config.get("results_dir", "results")) / "shards" / "train" / "manifest.json"
         return cfg.RunConfig.from_dict(runs[name], name), "run of the configuration", \

@@ -28,4 +28,4 @@ rule evaluate:
     shell:
         "flashnet evaluate --run-dir {params.run_dir:q} --val-manifest {input.val:q} --launcher {params.launcher:q}"
         " --batch-size {params.batch_size} --devices {params.devices} --workers {params.workers}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --out {output:q} --progress-fd 3 --log-file {log:q} 3>&2 > {log:q} 2>&1"

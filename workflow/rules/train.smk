@@ -29,4 +29,5 @@ rule train:
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
         " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
-        " > {log:q} 2>&1"
+        # Progress lines reach Snakemake's stderr on fd 3 (flashnet/watch.py); everything goes to the log.
+        " --progress-fd 3 --log-file {log:q} 3>&2 > {log:q} 2>&1"

@@ -34,8 +34,12 @@ from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from ..config import ConfigError, LauncherConfig, RunConfig
 from ..data.shards import verify_manifest
+from ..progress import format_duration
+from ..runfolder import short_reason
+from ..watch import ProgressLines, Snapshot, open_progress_fd
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, steps_per_epoch, train
+from .trackers import TRACKER_KEYS, require_packages
 
 
 class JobFailed(RuntimeError):
@@ -139,7 +143,8 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
 def set_aside_stale_checkpoint(spec: TrainSpec) -> None:
     """A resume checkpoint made with other settings (or other shards) is moved aside, not reused."""
     folder = spec.checkpoint.parent
-    fingerprint = {"run": spec.run, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
+    trained = {key: value for key, value in spec.run.items() if key not in TRACKER_KEYS}  # not what is logged
+    fingerprint = {"run": trained, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
     record = folder / "settings.json"
     if spec.checkpoint.exists() and record.exists() and json.loads(record.read_text()) != fingerprint:
         aside = folder.with_name(f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -162,17 +167,20 @@ class LogFollower:
     def __init__(self, job):
         self.job, self.offset = job, 0
 
-    def poll(self) -> None:
+    def poll(self) -> str:
+        """Copy what is new; return it (for the progress lines)."""
         path = self.job.paths.stdout
         if not path.exists():
-            return
+            return ""
         with open(path, "rb") as f:
             f.seek(self.offset)
-            text = f.read()
-        self.offset += len(text)
+            data = f.read()
+        self.offset += len(data)
+        text = data.decode(errors="replace")
         if text:
-            sys.stdout.write(text.decode(errors="replace"))
+            sys.stdout.write(text)
             sys.stdout.flush()
+        return text
 
 
 # The controller's job states after which a SLURM job runs no more. A requeued job (submitit's own
@@ -276,13 +284,27 @@ def job_finished(job) -> bool:
     return job.done(force_check=True)
 
 
-def wait(job, poll_s: float) -> Any:
-    """Wait for the job, following its log; raise :class:`JobFailed` with the reason and log paths."""
+def job_snapshot(job) -> Snapshot:
+    """The scheduler's view of the job, for the progress lines."""
+    if isinstance(job, submitit.SlurmJob):
+        attempts = slurm_attempts(job.job_id)
+        state = slurm_job_state(job.job_id) or (attempts[-1]["State"] if attempts else "UNKNOWN")
+        return Snapshot(state, attempts[-1]["NodeList"] if attempts else "", max(len(attempts), 1))
+    return Snapshot(job.state, "this machine")
+
+
+def wait(job, poll_s: float, progress: ProgressLines | None = None) -> Any:
+    """Wait for the job, following its log (and saying how it goes, given ``progress``); raise
+    :class:`JobFailed` with the reason and log paths."""
     follower = LogFollower(job)
     while not job_finished(job):
-        follower.poll()
+        text = follower.poll()
+        if progress:
+            progress.update(job_snapshot(job), text)
         time.sleep(poll_s)
-    follower.poll()
+    text = follower.poll()
+    if progress:
+        progress.update(job_snapshot(job), text)
     try:
         results = job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
@@ -323,7 +345,7 @@ def refuse_if_running(folder: Path) -> None:
     path.unlink()
 
 
-def follow(job, folder: Path, cluster: str, poll_s: float) -> Any:
+def follow(job, folder: Path, cluster: str, poll_s: float, progress: ProgressLines | None = None) -> Any:
     """:func:`wait` for ``job``, recorded in ``folder`` while it runs; if this process is told to stop
     (Ctrl-C, a SIGTERM), the job is cancelled rather than left running with nobody waiting for it."""
     record = folder / ACTIVE_JOB
@@ -334,7 +356,7 @@ def follow(job, folder: Path, cluster: str, poll_s: float) -> Any:
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        return wait(job, poll_s)
+        return wait(job, poll_s, progress)
     except KeyboardInterrupt as why:
         if isinstance(job, submitit.SlurmJob):
             cancel_slurm_job(job, timeout_s=10.0)
@@ -363,15 +385,21 @@ def train_from_cli(args: argparse.Namespace) -> None:
     run = RunConfig.from_dict(args.run, args.name)
     launcher = LauncherConfig.from_dict(args.launcher)
     check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
+    require_packages(run, args.name)
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
+    progress = ProgressLines(f"train {args.name}", open_progress_fd(args.progress_fd), args.out_dir, run.epochs,
+                             run.batch_size, verify_manifest(args.train_manifest)["samples"])
     try:
         job = submit_training(spec, run, launcher)
-        summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s)
+        progress.submitted(launcher.cluster, str(job.job_id), args.log_file, job.paths.folder)
+        summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s, progress)
     except JobFailed as error:
+        progress.say(f"failed: {short_reason(str(error))}" + (f" (see {args.log_file})" if args.log_file else ""))
         print(f"flashnet train: {error}", file=sys.stderr)
         raise SystemExit(1)
     top1 = summary["final_top1"]
     reached = summary["time_to_target_s"]
-    print(f"run {spec.name}: top-1 {top1:.4f} after {summary['train_seconds']:.1f} s of training; target "
-          f"{summary['target_top1']} " + (f"reached at {reached:.1f} s" if reached is not None else "not reached"))
+    progress.say(f"finished: top-1 {100 * top1:.1f} % after {format_duration(summary['train_seconds'])} of training; "
+                 f"target {100 * summary['target_top1']:.1f} % "
+                 + (f"reached at {format_duration(reached)}" if reached is not None else "not reached"))

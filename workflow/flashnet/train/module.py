@@ -120,8 +120,8 @@ class ImageNetClassifier(pl.LightningModule):
         self.val_top5.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_top1", self.val_top1.compute(), sync_dist=False)
-        self.log("val_top5", self.val_top5.compute(), sync_dist=False)
+        self.log("val_top1", self.val_top1.compute(), sync_dist=False, logger=False)
+        self.log("val_top5", self.val_top5.compute(), sync_dist=False, logger=False)
         self.val_top1.reset()
         self.val_top5.reset()
 

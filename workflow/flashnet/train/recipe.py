@@ -31,6 +31,7 @@ from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecord
 from .datamodule import ShardData
 from .module import ImageNetClassifier
 from .schedule import schedule_for_run, steps_per_epoch, total_steps
+from .trackers import ForwardRecords, build_loggers
 
 MODEL_FORMAT = "flashnet-model/1"
 
@@ -143,6 +144,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         *extra_callbacks,
         clock,
         records,
+        ForwardRecords(records, {"run_name": spec.name, **run.to_dict()}, out_dir),  # to the trackers, if any
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
         ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
                           scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch),
@@ -168,7 +170,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         max_epochs=math.ceil(run.epochs),
         max_steps=total,
         callbacks=callbacks,
-        logger=False,
+        logger=build_loggers(run, spec.name, out_dir) or False,
         enable_checkpointing=True,
         enable_progress_bar=interactive,
         enable_model_summary=False,

@@ -1,0 +1,100 @@
+"""Reading a run folder (results/runs/<run>) while its job may still be writing it.
+
+Shared by ``flashnet status`` and the progress lines of the waiting train rule. Every reader
+returns what can be read and ``None`` or nothing for the rest: a missing file, a partly written
+one, or a row cut short are the normal states of a run that is starting, running or was killed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+EPOCH_NUMBERS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_rows(path: Path, numbers: tuple[str, ...] = EPOCH_NUMBERS) -> list[dict[str, float]]:
+    """The complete rows of a metrics CSV (metrics.csv, steps.csv) as numbers. A last line without
+    its newline (a file cut short) is left out, and a row with a missing or unparsable value ends
+    the list."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    try:
+        for row in csv.DictReader(lines):
+            try:
+                rows.append({key: float(row[key]) for key in numbers if key in row})
+            except (TypeError, ValueError):
+                break
+    except csv.Error:
+        pass
+    return rows
+
+
+def epoch_rows(run_dir: Path) -> list[dict[str, float]]:
+    return [row for row in read_rows(Path(run_dir) / "metrics.csv") if {"epoch", "step", "wall_s"} <= set(row)]
+
+
+def last_step_row(run_dir: Path) -> dict[str, float] | None:
+    rows = read_rows(Path(run_dir) / "steps.csv", ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s"))
+    return rows[-1] if rows else None
+
+
+def total_steps(epochs: float, batch_size: int, train_samples: int | None) -> int | None:
+    """The run's optimizer steps, as the recipe counts them (whole global batches per epoch)."""
+    if not train_samples or batch_size <= 0 or train_samples < batch_size:
+        return None
+    return math.ceil(epochs * (train_samples // batch_size))
+
+
+def eta_s(step: float, total: int | None, wall_s: float) -> float | None:
+    """Training time left at the rate so far (train clock: time spent queued is not counted)."""
+    if not total or step <= 0 or wall_s <= 0:
+        return None
+    return max(total - step, 0) * wall_s / step
+
+
+def time_to_target(rows: list[dict[str, float]], target: float) -> float | None:
+    for row in rows:
+        if row.get("val_top1", -1) >= target:
+            return row["wall_s"]
+    return None
+
+
+# The line that names a Python exception in a job's error text (submitit's traceback ends with it).
+EXCEPTION = re.compile(r"^\s*[\w.]*(?:Error|Exception|Loss|Interrupt)\b[^:\n]*: .+$", re.M)
+
+
+def short_reason(message: str) -> str:
+    """One line for why a job failed: the message's first line, and where that only says the job
+    failed ("job 42 (FAILED) failed:"), the exception that ended it."""
+    first, _, rest = message.strip().partition("\n")
+    if not first.endswith(":"):
+        return first
+    exceptions = EXCEPTION.findall(rest)
+    return f"{first} {exceptions[-1].strip()}" if exceptions else first.rstrip(":")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    from .progress import format_duration as duration
+
+    return duration(seconds)
