@@ -38,7 +38,7 @@ def test_sample_data_writes_each_layout_to_its_folder(capsys, tmp_path):
     code, out, _ = flashnet(capsys, "sample-data", tmp_path / "data", "--layout", "extracted", "--layout", "kaggle", *TINY)
     assert code == 0
     assert out == f"wrote 32 train and 12 val images to {tmp_path / 'data'} (extracted, kaggle)\n"
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["extracted", "kaggle"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".flashnet-sample-data", "extracted", "kaggle"]
     assert len(list((tmp_path / "data" / "extracted" / "train").rglob("*.JPEG"))) == 32
 
 
@@ -46,7 +46,7 @@ def test_sample_data_defaults_to_the_official_layout(capsys, tmp_path):
     code, out, _ = flashnet(capsys, "sample-data", tmp_path, *TINY, "--no-odd-files")
     assert code == 0 and out.endswith("(official)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"])
+        [".flashnet-sample-data", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"])
 
 
 def test_the_data_stage_command_by_command(capsys, sample_dir, tmp_path):
@@ -121,11 +121,10 @@ def test_bench_shards_runs_through_the_cli(capsys, tmp_path):
 # --------------------------------------------------------------------------- the workflow's wiring
 
 
-def snakemake(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def snakemake(*args: str, tmp_path: Path, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([str(SNAKEMAKE), *args, "--nolock", "--config", f"results_dir={tmp_path / 'results'}",
-                           f"data_dir={tmp_path / 'data'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           *config], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -145,7 +144,31 @@ def test_dry_run_of_the_default_config_plans_every_step(tmp_path):
         "sample_data": 1, "index_split": 2, "write_shards": 2 * parts, "manifest": 2,
         "train": runs, "evaluate": runs, "report": 1, "all": 1,
     }
-    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_a_data_dir_given_alone_is_read_as_given_and_never_written(tmp_path):
+    """Issue 14, case 1: `--config data_dir=...` alone used to run the generator into that folder."""
+    data_dir = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (data_dir / split / "n01440764").mkdir(parents=True)
+    result = snakemake("-n", tmp_path=tmp_path, config=(f"data_dir={data_dir}",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sample_data" not in job_counts(result.stdout + result.stderr)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["train", "val"]
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_generate_true_with_another_data_dir_fails_before_any_job(tmp_path):
+    data_dir = tmp_path / "imagenet"
+    data_dir.mkdir()
+    result = snakemake("-n", tmp_path=tmp_path, config=(f"data_dir={data_dir}", "sample_data={generate: true}"))
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).splitlines()
+    assert (f"sample_data.generate is true, but data_dir is {data_dir}: the generator writes only to "
+            "resources/sample-imagenet. To train on") in "\n".join(lines)
+    assert list(data_dir.iterdir()) == [] and not (tmp_path / "results").exists()
 
 
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
