@@ -4,6 +4,7 @@ running when its waiting process is stopped."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,20 @@ def test_a_manifest_that_does_not_verify_stops_submission(tiny_dataset, tmp_path
     (copy / manifest["shards"][0]["name"]).write_bytes(b"short")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train-000000\.tar: 5 bytes, the manifest says"):
+        launch.check_before_submitting(RunConfig.from_dict(tiny_dataset.run()), LauncherConfig.from_dict(LOCAL),
+                                       copy / "manifest.json", tiny_dataset.val_manifest)
+
+
+def test_a_shard_damaged_after_its_manifest_stops_submission_naming_it(tiny_dataset, tmp_path):
+    """Issue 14, case 2: a flipped byte keeps the shard's size, and training used to check only sizes."""
+    copy = tmp_path / "train"
+    shutil.copytree(tiny_dataset.train_manifest.parent, copy)
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01  # inside the first image
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"^{shard}: sha256 differs from {copy / 'manifest.json'} .*"
+                                        r"snakemake --forcerun write_shards$"):
         launch.check_before_submitting(RunConfig.from_dict(tiny_dataset.run()), LauncherConfig.from_dict(LOCAL),
                                        copy / "manifest.json", tiny_dataset.val_manifest)
 

@@ -31,6 +31,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from ..progress import progress
+from . import checksums
 from .sources import DataError, SplitIndex
 from .tarfiles import ShardFile
 
@@ -297,11 +298,20 @@ def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, m
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check}
     with _part_lock(out.with_name(f"{out.stem}.lock")):
-        done = _finished_shards(journal_path, settings)
+        done = {} if _output_deleted(journal_path, out) else _finished_shards(journal_path, settings)
         records = _write_part_shards(plan, part, parts, shard_dir, journal_path, done, settings)
-    result = {"split": plan.split, "part": part, "parts": parts, "shards": records}
-    _write_json(out, result)
+        result = {"split": plan.split, "part": part, "parts": parts, "shards": records}
+        _write_json(out, result)
+        _append_journal(journal_path, {"part_done": True})
     return result
+
+
+def _output_deleted(journal_path: Path, out: Path) -> bool:
+    """Whether this part was finished and its output deleted since: Snakemake does that before
+    ``--forcerun write_shards`` (or a rerun of an incomplete job), and the user means the shards to be
+    written again, not kept because their sizes match. A killed job never wrote that last line."""
+    records = _read_journal(journal_path)
+    return bool(records) and records[-1].get("part_done", False) and not out.exists()
 
 
 @contextlib.contextmanager
@@ -348,7 +358,8 @@ def _finished_shards(path: Path, settings: dict[str, Any]) -> dict[str, dict[str
     newest line about a shard is the only one that describes its file."""
     newest = {}
     for record in _read_journal(path):
-        newest[record["name"]] = record
+        if "name" in record:
+            newest[record["name"]] = record
     return {name: record for name, record in newest.items() if record.get("settings") == settings}
 
 
@@ -479,8 +490,9 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
-    """Check that the shards a manifest lists are there, whole (sizes; sha256 with ``full``), and
-    that its accounting adds up. Training runs this before submitting any job."""
+    """Check that the shards a manifest lists are there, whole (sizes; sha256 with ``full``, cached
+    per shard: see :mod:`.checksums`), and that its accounting adds up. Training and evaluation run
+    it with ``full`` before submitting any job, and without in every job."""
     path = Path(path)
     manifest = load_manifest(path)
     shard_dir = path.parent
@@ -494,8 +506,6 @@ def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
             raise DataError(f"{path}: lists {name}, which is missing")
         if shard_path.stat().st_size != shard["bytes"]:
             raise DataError(f"{shard_path}: {shard_path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        if full and sha256_file(shard_path) != shard["sha256"]:
-            raise DataError(f"{shard_path}: sha256 differs from the manifest")
         total += shard["samples"]
     if total != manifest["samples"]:
         raise DataError(f"{path}: shards hold {total} samples, the manifest says {manifest['samples']}")
@@ -503,6 +513,8 @@ def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
         raise DataError(f"{path}: samples + rejected != found")
     if manifest["expected"] is not None and manifest["found"] != manifest["expected"]:
         raise DataError(f"{path}: found {manifest['found']} images, expected {manifest['expected']}")
+    if full:
+        checksums.verify_checksums(path, manifest)
     return manifest
 
 

@@ -130,7 +130,7 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
             raise ConfigError("accelerator: gpu, but this machine has no CUDA device")
         if run.precision == "16-mixed" and not torch.cuda.is_available():
             raise ConfigError("precision: 16-mixed needs a GPU, and this machine has none")
-    train_m, val_m = verify_manifest(train_manifest), verify_manifest(val_manifest)
+    train_m, val_m = verify_manifest(train_manifest, full=True), verify_manifest(val_manifest, full=True)
     if train_m["wnids"] != val_m["wnids"]:
         raise ConfigError(f"{train_manifest} and {val_manifest} list different classes")
     steps_per_epoch(train_m["samples"], run.batch_size)
