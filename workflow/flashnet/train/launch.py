@@ -34,6 +34,7 @@ from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from ..config import ConfigError, LauncherConfig, RunConfig
 from ..data.shards import verify_manifest
+from . import checkpoints
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, steps_per_epoch, train
 
@@ -141,7 +142,7 @@ def set_aside_stale_checkpoint(spec: TrainSpec) -> None:
     folder = spec.checkpoint.parent
     fingerprint = {"run": spec.run, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
     record = folder / "settings.json"
-    if spec.checkpoint.exists() and record.exists() and json.loads(record.read_text()) != fingerprint:
+    if checkpoints.has_resume(spec.checkpoint) and record.exists() and json.loads(record.read_text()) != fingerprint:
         aside = folder.with_name(f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(folder, aside)
         print(f"the run's settings or shards changed since {spec.checkpoint} was written: moved it to {aside}; "
@@ -351,9 +352,10 @@ def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig):
     folder = private_dir(Path(spec.out_dir) / "jobs")
     refuse_if_running(folder)
     set_aside_stale_checkpoint(spec)
+    resume_from = checkpoints.choose_resume(spec.checkpoint, set_aside=True)
     executor = make_executor(launcher, run.nodes, run.devices_per_node, folder, f"flashnet-train-{spec.name}")
     job = executor.submit(TrainJob(spec))
-    resume = " (resuming from its checkpoint)" if spec.checkpoint.exists() else ""
+    resume = f" (resuming from {resume_from})" if resume_from else ""
     print(f"submitted {launcher.cluster} job {job.job_id} for run {spec.name}{resume}; "
           f"{run.nodes} node(s) × {run.devices_per_node} device(s); logs in {job.paths.folder}", flush=True)
     return job
