@@ -18,6 +18,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
@@ -618,3 +619,62 @@ def test_killed_rewrite_with_other_settings_does_not_leave_a_stale_shard(officia
     run.write("train")
     assert run.digests("train") == official_results.digests("train")
     run.manifest("train")
+
+
+# --------------------------------------------------------------------------- every mode PIL opens
+
+_RAMP = np.linspace(0.0, 1.0, 96 * 64).reshape(64, 96)  # a smooth ramp: JPEG keeps it within a level or two
+
+
+def _png_or_tiff(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _palette_image() -> tuple[Image.Image, np.ndarray]:
+    rgb = np.stack([_RAMP * 255, 255 - _RAMP * 255, np.full_like(_RAMP, 90)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB").quantize(64)
+    return image, np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def _source(mode: str) -> tuple[Image.Image, np.ndarray]:
+    """An image in ``mode`` and the 8-bit RGB pixels a correct conversion gives."""
+    grey8 = np.repeat((_RAMP * 255)[..., None], 3, axis=-1)
+    if mode == "I;16":
+        return Image.fromarray(np.rint(_RAMP * 65535).astype(np.uint16)), grey8
+    if mode == "I":
+        return Image.fromarray(np.rint(_RAMP * (2**31 - 1)).astype(np.int32)), grey8
+    if mode == "F":
+        return Image.fromarray(_RAMP.astype(np.float32)), grey8
+    if mode == "P":
+        return _palette_image()
+    if mode == "1":
+        bits = _RAMP > 0.5
+        return Image.fromarray(bits), np.repeat(bits[..., None] * 255.0, 3, axis=-1)
+    if mode in ("RGBA", "LA"):
+        grey = (_RAMP * 255).astype(np.uint8)
+        alpha = np.full_like(grey, 128)
+        channels = [grey, 255 - grey, np.full_like(grey, 60), alpha] if mode == "RGBA" else [grey, alpha]
+        image = Image.fromarray(np.stack(channels, axis=-1))
+        colour = np.stack(channels[:3], axis=-1) if mode == "RGBA" else grey8
+        return image, colour.astype(np.float64)
+    return Image.fromarray((_RAMP * 255).astype(np.uint8)), grey8
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("I;16", "PNG"), ("I;16", "TIFF"), ("I", "TIFF"), ("F", "TIFF"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
+    ("1", "PNG"), ("L", "PNG"),
+])
+def test_every_mode_converts_to_the_pixels_of_its_source(mode, fmt):
+    """Issue 14, case 4: 16-bit greyscale was clipped at 255 (near white) instead of scaled."""
+    image, expected = _source(mode)
+    data = _png_or_tiff(image, fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    out, reason, _ = shards.prepare_image(data, None, 95)
+    pixels = np.asarray(decoded(out).convert("RGB"), dtype=np.float64)
+    assert pixels.shape == expected.shape
+    assert np.abs(pixels - expected).mean() < 3.0, (mode, fmt, pixels.mean(), expected.mean())
+    assert reason.startswith(f"{fmt} file converted to an RGB JPEG")
+    if mode in ("I;16", "I", "F"):
+        assert reason.endswith("greyscale scaled to 8 bits)"), reason

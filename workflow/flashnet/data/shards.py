@@ -193,17 +193,56 @@ def _reencode(data: bytes, max_side: int | None, quality: int, jpeg_conversion: 
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as error:
         raise Rejected(f"unreadable image: {error}") from None
+    rgb, scaled = to_rgb8(image)
     if image.format == "JPEG":
         conversion = jpeg_conversion
     else:
         conversion = f"{image.format or 'unknown'} file converted to an RGB JPEG"
+    if scaled:
+        conversion = f"{conversion or 'converted to an RGB JPEG'} ({scaled})"
     too_big = max_side is not None and max(image.size) > max_side
-    rgb = image.convert("RGB")
     if too_big:
         rgb.thumbnail((max_side, max_side), Image.LANCZOS)
     buffer = io.BytesIO()
     rgb.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue(), conversion, too_big
+
+
+# PIL's integer modes of more than 8 bits, and the full scale of their values.
+_WIDE_INT_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16}
+
+
+def to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """``image`` as 8-bit RGB, and a note if its values had to be scaled to 8 bits.
+
+    PIL's ``convert("RGB")`` clips 16- and 32-bit values at 255 instead of scaling them, which
+    turns a 16-bit greyscale PNG or TIFF nearly white. Those modes are scaled from their full range
+    here: ``I;16*`` from 16 bits; ``I`` (32-bit integers) from the file's bits per sample where the
+    TIFF says, else from 16 bits if every value fits (a 16-bit PNG as older PILs open it), else 32;
+    ``F`` (floats) from [0, 1] if every value lies in it, else from 8 or 16 bits like ``I``. Every
+    other mode (1, L, P, RGBA, LA, PA, CMYK, YCbCr, ...) converts as PIL does (alpha is dropped).
+    """
+    mode = image.mode
+    if mode not in _WIDE_INT_MODES and mode not in ("I", "F"):
+        return image.convert("RGB"), None
+    values = np.asarray(image, dtype=np.float64)
+    if mode in _WIDE_INT_MODES:
+        bits = _WIDE_INT_MODES[mode]
+    else:
+        peak = float(values.max(initial=0.0))
+        tiff_bits = getattr(image, "tag_v2", {}).get(258) if image.format == "TIFF" else None
+        if isinstance(tiff_bits, tuple):
+            tiff_bits = tiff_bits[0]
+        if mode == "F" and peak <= 1.0:
+            bits = 0
+        elif tiff_bits and mode == "I":
+            bits = int(tiff_bits)
+        else:
+            bits = 8 if peak <= 255 and mode == "F" else 16 if peak <= 65535 else 32
+    full_scale = 1.0 if bits == 0 else float(2 ** min(bits, 31) - 1)  # mode I is signed 32-bit
+    grey = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    what = "floating-point" if mode == "F" else f"{bits}-bit"
+    return Image.fromarray(grey, "L").convert("RGB"), f"{what} greyscale scaled to 8 bits"
 
 
 class SampleReader:
