@@ -678,3 +678,39 @@ def test_every_mode_converts_to_the_pixels_of_its_source(mode, fmt):
     assert reason.startswith(f"{fmt} file converted to an RGB JPEG")
     if mode in ("I;16", "I", "F"):
         assert reason.endswith("greyscale scaled to 8 bits)"), reason
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A folder on its own tiny tmpfs (needs root, as the SLURM tests do); unmounted afterwards."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_leaves_no_temporary_shard_and_says_so_in_one_line(sample_root, stage, small_tmpfs, capsys):
+    """Issue 14, case 5: discard() flushed before unlinking, hit ENOSPC again, left the temporary
+    shard behind and reported a chained traceback without the shard's path."""
+    from flashnet import cli
+
+    run = stage(sample_root / "official")
+    run.index("train")
+    index = small_tmpfs / "index.json"
+    shutil.copy(run.index_path("train"), index)
+    code = cli.main(["write-shards", str(index), "--part", "0", "--parts", "1", "--out",
+                     str(small_tmpfs / "parts" / "0.json")])
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress line
+    assert code == 2
+    assert re.fullmatch(rf"flashnet write-shards: error: {small_tmpfs}/train-00000\d\.tar: no space left on device "
+                        rf"in {small_tmpfs} while writing this shard \(its temporary file was removed\); free space "
+                        r"there and rerun", err), err
+    assert not list(small_tmpfs.glob(".*.tmp-*"))

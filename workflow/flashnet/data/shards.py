@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import io
@@ -310,8 +311,11 @@ def write_shard(plan: ShardPlan, shard: int, reader: SampleReader, out_dir: Path
             shard_file.add(index.keys[position], {"jpg": data, "cls": str(index.labels[position]).encode()})
             samples += 1
         digest = shard_file.finish()
-    except BaseException:
+    except BaseException as error:
         shard_file.discard()
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise DataError(f"{final}: no space left on device in {out_dir} while writing this shard (its temporary "
+                            "file was removed); free space there and rerun") from None
         raise
     os.replace(tmp, final)
     return {"name": name, "samples": samples, "bytes": shard_file.size, "sha256": digest,
