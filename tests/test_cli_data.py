@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,22 @@ def test_lint_is_clean(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Congratulations, your workflow is in a good condition!" in output, output[-3000:]
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_a_second_invocation_on_a_run_in_progress_stops_before_any_job(tmp_path, running_invocation):
+    """Issue 14, case 6: a second invocation on the same results_dir failed in its train job, after
+    Snakemake had deleted the running run's metrics.csv and steps.csv and truncated its log."""
+    run_dir = tmp_path / "results" / "runs" / "default"
+    record = running_invocation(run_dir / "jobs")
+    files = {run_dir / "metrics.csv": "epoch,top1\n1,0.5\n", run_dir / "steps.csv": "step,loss\n10,2.0\n",
+             tmp_path / "results" / "logs" / "train" / "default.log": "epoch 1 val top-1 0.5\n"}
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    result = snakemake("-n", tmp_path=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    assert (f"runs.default: local job {record['job_id']} of this run is being followed by another invocation "
+            f"(host {socket.gethostname()}, pid {record['pid']}") in output, output[-2000:]
+    assert {path: path.read_text() for path in files} == files

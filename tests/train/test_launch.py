@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -64,9 +65,9 @@ def test_a_shard_damaged_after_its_manifest_stops_submission_naming_it(tiny_data
                                        copy / "manifest.json", tiny_dataset.val_manifest)
 
 
-def test_a_run_with_a_job_still_running_is_refused(tmp_path):
+def test_a_run_with_a_job_still_running_is_refused(tmp_path, start_process):
     # A stand-in for submitit's local controller: a process whose command line says so.
-    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local"])
+    controller = start_process([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local"])
     try:
         (tmp_path / launch.ACTIVE_JOB).write_text(json.dumps({"cluster": "local", "job_id": str(controller.pid)}))
         with pytest.raises(launch.JobFailed, match=rf"local job {controller.pid} of this run is still running.*kill"):
@@ -76,6 +77,18 @@ def test_a_run_with_a_job_still_running_is_refused(tmp_path):
         controller.wait()
     launch.refuse_if_running(tmp_path)  # gone now: the stale record is dropped
     assert not (tmp_path / launch.ACTIVE_JOB).exists()
+
+
+def test_a_run_followed_by_another_invocation_is_refused_naming_its_host_and_pid(tmp_path, running_invocation):
+    """Issue 14, case 6: the refusal said the waiting process was killed, when it was alive."""
+    record = running_invocation(tmp_path / "jobs")
+    with pytest.raises(launch.JobFailed) as error:
+        launch.refuse_if_running(tmp_path / "jobs")
+    assert str(error.value) == (
+        f"local job {record['job_id']} of this run is being followed by another invocation (host "
+        f"{socket.gethostname()}, pid {record['pid']}, results in {tmp_path}); wait for it to end, or stop it "
+        f"and its job (kill {record['job_id']}), then rerun")
+    assert json.loads((tmp_path / "jobs" / launch.ACTIVE_JOB).read_text()) == record
 
 
 def test_stopping_the_waiting_process_cancels_the_job(tmp_path):

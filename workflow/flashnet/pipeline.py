@@ -190,6 +190,24 @@ def cluster_run_config(config: dict[str, Any], run: str, executor: str | None) -
     return settings
 
 
+def refuse_run_in_progress(config: dict[str, Any], run: str) -> list[str]:
+    """No input files; raises when another invocation's job for this run still runs.
+
+    Called from the train and evaluate rules' input, so at DAG time: once a job of this invocation
+    started, Snakemake would already have deleted the running run's outputs (metrics.csv,
+    steps.csv) and truncated its log."""
+    folder = Path(results(config, "runs", run, "jobs"))
+    if not (folder / "active.json").exists():
+        return []
+    from .train import launch  # imports torch and submitit: only when there is something to check
+
+    try:
+        launch.refuse_if_running(folder)
+    except launch.JobFailed as error:
+        raise cfg.ConfigError(f"runs.{run}: {error}") from None
+    return []
+
+
 def executor_name(workflow: Any) -> str | None:
     plugin = getattr(workflow, "executor_plugin", None)
     return getattr(plugin, "name", None)

@@ -6,6 +6,8 @@ rule train:
     input:
         train=f"{RESULTS}/shards/train/manifest.json",
         val=f"{RESULTS}/shards/val/manifest.json",
+        # Fails at DAG time if another invocation's job for this run still runs (no files).
+        in_progress=lambda wildcards: pipeline.refuse_run_in_progress(config, wildcards.run),
     output:
         summary=f"{RESULTS}/runs/{{run}}/summary.json",
         metrics=f"{RESULTS}/runs/{{run}}/metrics.csv",

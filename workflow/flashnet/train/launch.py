@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -311,16 +312,33 @@ def job_still_running(record: dict[str, str]) -> bool:
     return b"submitit.local" in cmdline
 
 
+def waiter_alive(record: dict[str, Any]) -> bool:
+    """Whether the process that follows the job (``flashnet train``/``evaluate``) still runs. On
+    another host this cannot be told, so it counts as alive."""
+    if record.get("host") != socket.gethostname():
+        return "host" in record
+    try:
+        return b"flashnet" in Path(f"/proc/{int(record['pid'])}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def refuse_if_running(folder: Path) -> None:
-    """One job per run: a second one would write into the same checkpoint folder."""
+    """One job per run: a second one would write into the same checkpoint folder. Only reads and
+    raises while the job runs: the running run's files are not this invocation's to touch."""
     path = folder / ACTIVE_JOB
     if not path.exists():
         return
     record = json.loads(path.read_text())
     if job_still_running(record):
+        job = f"{record['cluster']} job {record['job_id']}"
         stop = f"scancel {record['job_id']}" if record["cluster"] == "slurm" else f"kill {record['job_id']}"
-        raise JobFailed(f"{record['cluster']} job {record['job_id']} of this run is still running (its waiting "
-                        f"process was killed); wait for it to end or stop it ({stop}), then rerun")
+        if waiter_alive(record):
+            raise JobFailed(f"{job} of this run is being followed by another invocation (host {record['host']}, "
+                            f"pid {record['pid']}, results in {folder.parent}); wait for it to end, or stop it and "
+                            f"its job ({stop}), then rerun")
+        raise JobFailed(f"{job} of this run is still running (its waiting process was killed); wait for it to end "
+                        f"or stop it ({stop}), then rerun")
     path.unlink()
 
 
@@ -328,7 +346,8 @@ def follow(job, folder: Path, cluster: str, poll_s: float) -> Any:
     """:func:`wait` for ``job``, recorded in ``folder`` while it runs; if this process is told to stop
     (Ctrl-C, a SIGTERM), the job is cancelled rather than left running with nobody waiting for it."""
     record = folder / ACTIVE_JOB
-    record.write_text(json.dumps({"cluster": cluster, "job_id": str(job.job_id)}))
+    record.write_text(json.dumps({"cluster": cluster, "job_id": str(job.job_id), "host": socket.gethostname(),
+                                  "pid": os.getpid()}))
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
