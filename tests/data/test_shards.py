@@ -146,11 +146,32 @@ def test_reader_keeps_one_file_open_at_a_time(sample_root, tmp_path):
     assert peak == 1 and len(os.listdir("/proc/self/fd")) == before
 
 
-def test_images_over_the_decompression_bomb_limit_are_rejected(sample_root, monkeypatch):
+def test_images_over_the_decompression_bomb_limit_are_rejected_saying_so(sample_root, monkeypatch):
+    """Issue 14: a valid photo over the limit was called "unreadable"."""
     jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    width, height = decoded(jpeg).size
+    png = io.BytesIO()
+    decoded(jpeg).save(png, "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)
-    with pytest.raises(shards.Rejected, match="exceeds the decompression-bomb limit of 1599 pixels"):
+    with pytest.raises(shards.Rejected, match=rf"^{width}×{height} image is larger than 1599 pixels \(PIL's "
+                                              r"decompression-bomb limit\); set shards.max_side to shrink"):
         shards.prepare_image(jpeg, None, 90)
+    with pytest.raises(shards.Rejected, match=rf"^{width}×{height} image is larger than 1599 pixels"):
+        shards.prepare_image(png.getvalue(), 32, 90)
+
+
+def test_a_jpeg_over_the_limit_is_decoded_scaled_down_when_max_side_shrinks_it(sample_root, monkeypatch):
+    """Issue 14: with max_side set, such a photo was rejected although it would be shrunk anyway."""
+    jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    original = decoded(jpeg).convert("RGB")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", original.width * original.height // 2)
+    out, reason, resized = shards.prepare_image(jpeg, 32, 90)
+    small = decoded(out)
+    assert (reason, resized, max(small.size)) == (None, True, 32)
+    assert abs(small.width / small.height - original.width / original.height) < 0.05  # rounding only
+    reference = original.resize(small.size, Image.LANCZOS)
+    difference = np.abs(np.asarray(small, dtype=float) - np.asarray(reference, dtype=float))
+    assert difference.mean() < 12.0
 
 
 # --------------------------------------------------------------------------- the index file

@@ -168,8 +168,7 @@ def prepare_image(data: bytes, max_side: int | None, quality: int, check: str = 
         decode_as, conversion = _JPEG_COLOUR_SPACES[colour_space]
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
             # The limit PIL enforces on the files it converts, for JPEGs kept as they are too.
-            raise ValueError(f"{width}×{height} pixels exceeds the decompression-bomb limit of "
-                             f"{Image.MAX_IMAGE_PIXELS} pixels")
+            return _shrink_large_jpeg(data, width, height, decode_as, max_side, quality)
         if check == "header":
             if data.rfind(_JPEG_END, max(0, len(data) - _JPEG_END_WINDOW)) < 0:
                 raise ValueError("no end-of-image marker: truncated JPEG")
@@ -184,6 +183,43 @@ def prepare_image(data: bytes, max_side: int | None, quality: int, check: str = 
     return _reencode(data, max_side, quality, conversion)
 
 
+def _too_large(width: int, height: int, hint: str = "") -> Rejected:
+    return Rejected(f"{width}×{height} image is larger than {Image.MAX_IMAGE_PIXELS} pixels (PIL's "
+                    f"decompression-bomb limit){hint}")
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """An image's size from its header, past PIL's bomb check (nothing is decoded; one thread)."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(io.BytesIO(data)).size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _shrink_large_jpeg(data: bytes, width: int, height: int, decode_as: str, max_side: int | None, quality: int):
+    """A JPEG over PIL's pixel limit, decoded in bounded memory when ``max_side`` shrinks it anyway:
+    libjpeg's DCT scaling decodes it at 1/2 to 1/8 of its size directly (which also checks every
+    coefficient), then it is resized and re-encoded. Otherwise it is rejected, saying why."""
+    if max_side is None or max(width, height) <= max_side:
+        raise _too_large(width, height, "; set shards.max_side to shrink such images instead")
+    if decode_as != "RGB":
+        raise _too_large(width, height, " and not a YCbCr/RGB JPEG, which alone are decoded scaled down")
+    scale = max_side / max(width, height)
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=max(1, int(width * scale)),
+                                        min_height=max(1, int(height * scale)), strict=True)
+    except ValueError as error:
+        raise Rejected(f"unreadable image: {error}") from None
+    if pixels.shape[0] * pixels.shape[1] > Image.MAX_IMAGE_PIXELS:
+        raise _too_large(width, height, ", and more than that even at 1/8 scale")
+    image = Image.fromarray(pixels, "RGB")
+    image.thumbnail((max_side, max_side), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue(), None, True
+
+
 def _reencode(data: bytes, max_side: int | None, quality: int, jpeg_conversion: str | None):
     """Decode with PIL (any format it reads), convert to RGB, shrink to ``max_side``, encode as JPEG."""
     try:
@@ -191,8 +227,9 @@ def _reencode(data: bytes, max_side: int | None, quality: int, jpeg_conversion: 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as error:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise _too_large(*_header_size(data)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise Rejected(f"unreadable image: {error}") from None
     rgb, scaled = to_rgb8(image)
     if image.format == "JPEG":
