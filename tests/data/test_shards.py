@@ -539,9 +539,10 @@ def test_rerun_after_a_finished_job_rewrites_nothing(official_results, sample_ro
     assert {p.name: identity(p) for p in run.shard_paths("train")} == before
 
 
-def test_forcerun_rewrites_every_shard_and_repairs_a_damaged_one(official_results, sample_root, stage, rewrites):
+def test_forcerun_rewrites_a_shard_damaged_since_its_journal_line(official_results, sample_root, stage, rewrites):
     """Issue 14, case 2: `--forcerun write_shards` deletes the parts' outputs and reruns them; the
-    journal used to keep every shard whose size matched, a damaged one included."""
+    journal kept every shard whose size matched, a damaged one included. It now keeps only shards
+    whose sha256 is the one it recorded (a rerun after a lost Snakemake must still keep those)."""
     run = stage(sample_root / "official")
     run.run("train")
     damaged = run.shard_dir("train") / "train-000001.tar"
@@ -552,9 +553,22 @@ def test_forcerun_rewrites_every_shard_and_repairs_a_damaged_one(official_result
         path.unlink()  # what Snakemake does to a forced job's outputs before running it
     rewrites.clear()
     run.write("train")
-    assert rewrites == [p.name for p in run.shard_paths("train")]
+    assert rewrites == ["train-000001.tar"]
     assert run.digests("train") == official_results.digests("train")
     run.manifest("train")
+
+
+def test_shards_converted_by_an_older_conversion_are_rewritten(official_results, sample_root, stage, rewrites):
+    run = stage(sample_root / "official")
+    run.run("train")
+    for journal in (run.shard_dir("train") / "parts").glob("*.journal.jsonl"):
+        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        for line in lines:
+            line.get("settings", {}).pop("conversion", None)  # as journals written before it existed
+        journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rewrites.clear()
+    run.write("train")
+    assert rewrites == [p.name for p in run.shard_paths("train")]
 
 
 def test_journal_line_cut_short_by_a_kill_is_dropped_and_later_lines_count(official_results, sample_root, stage,

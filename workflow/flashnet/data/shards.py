@@ -5,7 +5,7 @@ split (so every shard mixes classes) and ``samples_per_shard`` consecutive entri
 conversion job writes a contiguous range of shards; a shard appears under its final name only when
 complete (write to a temporary name, then rename), and the job's journal records when a shard is
 begun and when it is finished, so a rerun skips exactly the shards whose newest journal line says
-they were finished with the same settings. The manifest step re-reads every shard and accounts for
+they were finished with the same settings (and conversion code), and whose sha256 still matches. The manifest step re-reads every shard and accounts for
 every input: written + rejected = found, and found = what the dataset's metadata promises.
 
 Samples: ``__key__`` = the source file's stem, ``jpg`` = its bytes (or an RGB JPEG re-encoding,
@@ -34,6 +34,10 @@ from .sources import DataError, SplitIndex
 from .tarfiles import ShardFile
 
 INDEX_FORMAT = "flashnet-index/1"
+# Part of every journal record's settings: raise it when prepare_image converts differently, so a
+# rerun after an upgrade rewrites shards instead of keeping ones the old code converted.
+# 2: wide greyscale modes scaled, not clipped; JPEGs over PIL's pixel limit shrunk to max_side.
+CONVERSION_VERSION = 2
 MANIFEST_FORMAT = "flashnet-manifest/1"
 
 
@@ -207,22 +211,14 @@ def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, m
     journal_path.parent.mkdir(parents=True, exist_ok=True)
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
-    settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check}
+    settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check,
+                "conversion": CONVERSION_VERSION}
     with _part_lock(out.with_name(f"{out.stem}.lock")):
-        done = {} if _output_deleted(journal_path, out) else _finished_shards(journal_path, settings)
+        done = _finished_shards(journal_path, settings)
         records = _write_part_shards(plan, part, parts, shard_dir, journal_path, done, settings)
-        result = {"split": plan.split, "part": part, "parts": parts, "shards": records}
-        _write_json(out, result)
-        _append_journal(journal_path, {"part_done": True})
+    result = {"split": plan.split, "part": part, "parts": parts, "shards": records}
+    _write_json(out, result)
     return result
-
-
-def _output_deleted(journal_path: Path, out: Path) -> bool:
-    """Whether this part was finished and its output deleted since: Snakemake does that before
-    ``--forcerun write_shards`` (or a rerun of an incomplete job), and the user means the shards to be
-    written again, not kept because their sizes match. A killed job never wrote that last line."""
-    records = _read_journal(journal_path)
-    return bool(records) and records[-1].get("part_done", False) and not out.exists()
 
 
 @contextlib.contextmanager
@@ -261,7 +257,10 @@ def _write_part_shards(plan: ShardPlan, part: int, parts: int, shard_dir: Path, 
 
 
 def _is_complete(path: Path, record: dict[str, Any]) -> bool:
-    return path.exists() and path.stat().st_size == record["bytes"]
+    """Whether the shard on disk is the one the journal recorded: its size, then its sha256, so a
+    shard damaged since (a flipped byte keeps the size) is written again by any rerun, `--forcerun
+    write_shards` included. Hashing (~1 GB/s) costs a fraction of converting the shard again."""
+    return path.exists() and path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"]
 
 
 def _finished_shards(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -269,8 +268,7 @@ def _finished_shards(path: Path, settings: dict[str, Any]) -> dict[str, dict[str
     newest line about a shard is the only one that describes its file."""
     newest = {}
     for record in _read_journal(path):
-        if "name" in record:
-            newest[record["name"]] = record
+        newest[record["name"]] = record
     return {name: record for name, record in newest.items() if record.get("settings") == settings}
 
 
