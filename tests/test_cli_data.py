@@ -81,7 +81,8 @@ def test_the_data_stage_command_by_command(capsys, sample_dir, tmp_path):
     assert flashnet(capsys, "verify-shards", shards / "manifest.json")[0] == 0
     code, out, err = flashnet(capsys, "verify-shards", shards / "manifest.json", "--full")
     assert (code, out) == (2, "")
-    assert err == f"flashnet verify-shards: error: {path}: sha256 differs from the manifest\n"
+    assert err == (f"flashnet verify-shards: error: {path}: sha256 differs from {shards / 'manifest.json'} (damaged "
+                   "since it was written); rewrite the shards: snakemake --forcerun write_shards\n")
 
 
 def test_bad_input_is_one_line_on_stderr_and_exit_code_2(capsys, tmp_path):
