@@ -5,8 +5,10 @@ split (so every shard mixes classes) and ``samples_per_shard`` consecutive entri
 conversion job writes a contiguous range of shards; a shard appears under its final name only when
 complete (write to a temporary name, then rename), and the job's journal records when a shard is
 begun and when it is finished, so a rerun skips exactly the shards whose newest journal line says
-they were finished with the same settings (and conversion code), and whose sha256 still matches. The manifest step re-reads every shard and accounts for
-every input: written + rejected = found, and found = what the dataset's metadata promises.
+they were finished with the same settings (and conversion code) and whose sha256 still matches.
+The manifest step re-reads every shard and accounts for every input: written + rejected = found,
+and found = what the dataset's metadata promises. Image preparation is :mod:`.images`; checking
+shards against the manifest's sha256 before a job uses them is :mod:`.checksums`.
 
 Samples: ``__key__`` = the source file's stem, ``jpg`` = its bytes (or an RGB JPEG re-encoding,
 listed under ``converted``), ``cls`` = the label as decimal text.
