@@ -198,3 +198,14 @@ def test_a_second_invocation_on_a_run_in_progress_stops_before_any_job(tmp_path,
     assert (f"runs.default: local job {record['job_id']} of this run is being followed by another invocation "
             f"(host {socket.gethostname()}, pid {record['pid']}") in output, output[-2000:]
     assert {path: path.read_text() for path in files} == files
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_forcerun_train_asks_the_train_command_for_a_fresh_start(tmp_path):
+    plain = snakemake("-n", "-p", tmp_path=tmp_path)
+    forced = snakemake("-n", "-p", "--forcerun", "train", tmp_path=tmp_path)
+    assert plain.returncode == 0 and forced.returncode == 0, forced.stderr[-2000:]
+    train_lines = [[line for line in (r.stdout + r.stderr).splitlines() if "flashnet train --name" in line]
+                   for r in (plain, forced)]
+    assert train_lines[0] and not any(" --fresh" in line for line in train_lines[0])
+    assert train_lines[1] and all(" --fresh >" in line for line in train_lines[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,12 @@ def test_runs_given_as_malformed_yaml_are_reported_as_a_yaml_error():
     """`--config runs='{a: [1, 2}'` reaches the workflow as the string Snakemake could not parse."""
     with pytest.raises(cfg.ConfigError, match=r"^runs: not valid YAML: while parsing a flow sequence"):
         pipeline.expand_presets({"runs": "{default: {epochs: [1, 2}}"}, ROOT)
+
+
+def test_forced_rules_are_read_from_the_invocation():
+    def workflow(forcerun=(), forceall=False):
+        return types.SimpleNamespace(dag_settings=types.SimpleNamespace(forcerun=frozenset(forcerun), forceall=forceall))
+
+    assert pipeline.forced(workflow({"train"}), "train") and pipeline.forced(workflow(forceall=True), "train")
+    assert not pipeline.forced(workflow({"write_shards"}), "train") and not pipeline.forced(workflow(), "train")
+    assert not pipeline.forced(types.SimpleNamespace(), "train")

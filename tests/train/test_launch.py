@@ -18,6 +18,7 @@ import pytest
 from flashnet.config import ConfigError, LauncherConfig, RunConfig
 from flashnet.data.sources import DataError
 from flashnet.train import launch
+from flashnet.train.recipe import TrainSpec
 
 LOCAL = dict(cluster="local", timeout_min=30, signal_delay_s=60, max_num_timeout=3, cpus_per_task=1,
              mem_gb_per_node=None, setup=[], ddp_timeout_s=120, poll_s=0.2, slurm_extra={})
@@ -145,3 +146,19 @@ def test_a_job_that_will_not_cancel_is_reported_not_waited_for_forever(monkeypat
     assert launch.cancel_slurm_job(job, timeout_s=0.05, poll_s=0.01) == "PENDING"
     assert job.cancels >= 2
 
+
+
+def test_forcerun_train_moves_an_interrupted_runs_checkpoints_aside(tiny_dataset, tmp_path, capsys):
+    """Issue 14, case 3: `--forcerun train` (the rule passes --fresh) retrains from scratch, as the
+    README says, even after an interrupted run left a resume checkpoint; a plain rerun resumes."""
+    spec = TrainSpec("tiny", tiny_dataset.run(), str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest),
+                     str(tmp_path))
+    launch.set_aside_stale_checkpoint(spec)
+    spec.checkpoint.write_bytes(b"an interrupted run's checkpoint")
+    launch.set_aside_stale_checkpoint(spec)  # same settings, not forced: kept for resuming
+    assert spec.checkpoint.exists()
+    launch.set_aside_stale_checkpoint(spec, fresh=True)
+    assert not spec.checkpoint.exists()
+    (aside,) = tmp_path.glob("checkpoints.forced-*")
+    assert (aside / "last.ckpt").read_bytes() == b"an interrupted run's checkpoint"
+    assert f"--forcerun train: not resuming from {spec.checkpoint}: moved it to {aside}" in capsys.readouterr().out

@@ -208,6 +208,13 @@ def refuse_run_in_progress(config: dict[str, Any], run: str) -> list[str]:
     return []
 
 
+def forced(workflow: Any, rule: str) -> bool:
+    """Whether this invocation was told to rerun ``rule`` (``--forcerun rule`` or ``--forceall``).
+    Only meaningful for local rules: a job run remotely is told --force, never which rules."""
+    settings = getattr(workflow, "dag_settings", None)
+    return bool(settings and (settings.forceall or rule in set(settings.forcerun or ())))
+
+
 def executor_name(workflow: Any) -> str | None:
     plugin = getattr(workflow, "executor_plugin", None)
     return getattr(plugin, "name", None)

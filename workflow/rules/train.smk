@@ -23,6 +23,8 @@ rule train:
             config, wildcards.run, resources, pipeline.executor_name(workflow)
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        # --forcerun train (or -F): start from scratch, not from an interrupted run's checkpoint.
+        fresh=lambda wildcards: "--fresh" if pipeline.forced(workflow, "train") else "",
     conda:
         "../../envs/train.yaml"
     resources:
@@ -30,5 +32,5 @@ rule train:
     localrule: True
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
-        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
+        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q} {params.fresh}"
         " > {log:q} 2>&1"

@@ -138,16 +138,18 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
     steps_per_epoch(train_m["samples"], run.batch_size)
 
 
-def set_aside_stale_checkpoint(spec: TrainSpec) -> None:
-    """A resume checkpoint made with other settings (or other shards) is moved aside, not reused."""
+def set_aside_stale_checkpoint(spec: TrainSpec, fresh: bool = False) -> None:
+    """A resume checkpoint made with other settings (or other shards) is moved aside, not reused;
+    so is any, with ``fresh`` (``--forcerun train``)."""
     folder = spec.checkpoint.parent
     fingerprint = {"run": spec.run, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
     record = folder / "settings.json"
-    if checkpoints.has_resume(spec.checkpoint) and record.exists() and json.loads(record.read_text()) != fingerprint:
-        aside = folder.with_name(f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    changed = record.exists() and json.loads(record.read_text()) != fingerprint
+    if checkpoints.has_resume(spec.checkpoint) and (changed or fresh):
+        aside = folder.with_name(f"checkpoints.{'stale' if changed else 'forced'}-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(folder, aside)
-        print(f"the run's settings or shards changed since {spec.checkpoint} was written: moved it to {aside}; "
-              "training starts afresh", flush=True)
+        why = "the run's settings or shards changed since" if changed else "--forcerun train: not resuming from"
+        print(f"{why} {spec.checkpoint}: moved it to {aside}; training starts afresh", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(fingerprint, sort_keys=True))
 
@@ -367,10 +369,10 @@ def follow(job, folder: Path, cluster: str, poll_s: float) -> Any:
         record.unlink(missing_ok=True)
 
 
-def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig):
+def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig, fresh: bool = False):
     folder = private_dir(Path(spec.out_dir) / "jobs")
     refuse_if_running(folder)
-    set_aside_stale_checkpoint(spec)
+    set_aside_stale_checkpoint(spec, fresh)
     resume_from = checkpoints.choose_resume(spec.checkpoint, set_aside=True)
     executor = make_executor(launcher, run.nodes, run.devices_per_node, folder, f"flashnet-train-{spec.name}")
     job = executor.submit(TrainJob(spec))
@@ -387,7 +389,7 @@ def train_from_cli(args: argparse.Namespace) -> None:
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
     try:
-        job = submit_training(spec, run, launcher)
+        job = submit_training(spec, run, launcher, args.fresh)
         summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s)
     except JobFailed as error:
         print(f"flashnet train: {error}", file=sys.stderr)
