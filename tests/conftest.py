@@ -102,6 +102,7 @@ def started(command: list[str]):
     process = subprocess.Popen(command)
     cmdline = Path(f"/proc/{process.pid}/cmdline")
     while command[-1].encode() not in cmdline.read_bytes():
+        assert process.poll() is None, f"{command} exited with {process.returncode}"
         time.sleep(0.01)
     return process
 
