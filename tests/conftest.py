@@ -58,3 +58,51 @@ def make_tiny_run(**overrides) -> dict:
 @pytest.fixture(scope="session")
 def tiny_run():
     return make_tiny_run
+
+
+@pytest.fixture
+def running_invocation():
+    """``running_invocation(jobs_folder)``: stand-ins for another invocation's waiting `flashnet
+    train` and its submitit controller, recorded in the folder's active.json as the launcher records
+    them; returns the record. Both processes are killed afterwards."""
+    import json
+    import socket
+    import sys
+
+    from flashnet.train import launch
+
+    processes = []
+
+    def start(folder: Path) -> dict:
+        waiter = started([sys.executable, "-c", "import time; time.sleep(120)", "flashnet", "train"])
+        controller = started([sys.executable, "-c", "import time; time.sleep(120)", "submitit.local"])
+        processes.extend([waiter, controller])
+        record = {"cluster": "local", "job_id": str(controller.pid), "host": socket.gethostname(), "pid": waiter.pid}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / launch.ACTIVE_JOB).write_text(json.dumps(record))
+        return record
+
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def started(command: list[str]):
+    """A process whose /proc command line already is ``command``: right after fork it is still the
+    parent's, and a check that reads it then takes the process for something else."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command)
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    while command[-1].encode() not in cmdline.read_bytes():
+        assert process.poll() is None, f"{command} exited with {process.returncode}"
+        time.sleep(0.01)
+    return process
+
+
+@pytest.fixture
+def start_process():
+    """:func:`started`, for test modules (conftest is not imported by name)."""
+    return started

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_sample_data_writes_each_layout_to_its_folder(capsys, tmp_path):
     code, out, _ = flashnet(capsys, "sample-data", tmp_path / "data", "--layout", "extracted", "--layout", "kaggle", *TINY)
     assert code == 0
     assert out == f"wrote 32 train and 12 val images to {tmp_path / 'data'} (extracted, kaggle)\n"
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["extracted", "kaggle"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".flashnet-sample-data", "extracted", "kaggle"]
     assert len(list((tmp_path / "data" / "extracted" / "train").rglob("*.JPEG"))) == 32
 
 
@@ -46,7 +47,7 @@ def test_sample_data_defaults_to_the_official_layout(capsys, tmp_path):
     code, out, _ = flashnet(capsys, "sample-data", tmp_path, *TINY, "--no-odd-files")
     assert code == 0 and out.endswith("(official)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"])
+        [".flashnet-sample-data", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"])
 
 
 def test_the_data_stage_command_by_command(capsys, sample_dir, tmp_path):
@@ -80,7 +81,8 @@ def test_the_data_stage_command_by_command(capsys, sample_dir, tmp_path):
     assert flashnet(capsys, "verify-shards", shards / "manifest.json")[0] == 0
     code, out, err = flashnet(capsys, "verify-shards", shards / "manifest.json", "--full")
     assert (code, out) == (2, "")
-    assert err == f"flashnet verify-shards: error: {path}: sha256 differs from the manifest\n"
+    assert err == (f"flashnet verify-shards: error: {path}: sha256 differs from {shards / 'manifest.json'} (damaged "
+                   "since it was written); rewrite the shards: snakemake --forcerun write_shards\n")
 
 
 def test_bad_input_is_one_line_on_stderr_and_exit_code_2(capsys, tmp_path):
@@ -121,11 +123,10 @@ def test_bench_shards_runs_through_the_cli(capsys, tmp_path):
 # --------------------------------------------------------------------------- the workflow's wiring
 
 
-def snakemake(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def snakemake(*args: str, tmp_path: Path, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([str(SNAKEMAKE), *args, "--nolock", "--config", f"results_dir={tmp_path / 'results'}",
-                           f"data_dir={tmp_path / 'data'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           *config], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -145,7 +146,31 @@ def test_dry_run_of_the_default_config_plans_every_step(tmp_path):
         "sample_data": 1, "index_split": 2, "write_shards": 2 * parts, "manifest": 2,
         "train": runs, "evaluate": runs, "report": 1, "all": 1,
     }
-    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_a_data_dir_given_alone_is_read_as_given_and_never_written(tmp_path):
+    """Issue 14, case 1: `--config data_dir=...` alone used to run the generator into that folder."""
+    data_dir = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (data_dir / split / "n01440764").mkdir(parents=True)
+    result = snakemake("-n", tmp_path=tmp_path, config=(f"data_dir={data_dir}",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sample_data" not in job_counts(result.stdout + result.stderr)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["train", "val"]
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_generate_true_with_another_data_dir_fails_before_any_job(tmp_path):
+    data_dir = tmp_path / "imagenet"
+    data_dir.mkdir()
+    result = snakemake("-n", tmp_path=tmp_path, config=(f"data_dir={data_dir}", "sample_data={generate: true}"))
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).splitlines()
+    assert (f"sample_data.generate is true, but data_dir is {data_dir}: the generator writes only to "
+            "resources/sample-imagenet. To train on") in "\n".join(lines)
+    assert list(data_dir.iterdir()) == [] and not (tmp_path / "results").exists()
 
 
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
@@ -154,3 +179,33 @@ def test_lint_is_clean(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Congratulations, your workflow is in a good condition!" in output, output[-3000:]
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_a_second_invocation_on_a_run_in_progress_stops_before_any_job(tmp_path, running_invocation):
+    """Issue 14, case 6: a second invocation on the same results_dir failed in its train job, after
+    Snakemake had deleted the running run's metrics.csv and steps.csv and truncated its log."""
+    run_dir = tmp_path / "results" / "runs" / "default"
+    record = running_invocation(run_dir / "jobs")
+    files = {run_dir / "metrics.csv": "epoch,top1\n1,0.5\n", run_dir / "steps.csv": "step,loss\n10,2.0\n",
+             tmp_path / "results" / "logs" / "train" / "default.log": "epoch 1 val top-1 0.5\n"}
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    result = snakemake("-n", tmp_path=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    assert (f"runs.default: local job {record['job_id']} of this run is being followed by another invocation "
+            f"(host {socket.gethostname()}, pid {record['pid']}") in output, output[-2000:]
+    assert {path: path.read_text() for path in files} == files
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_forcerun_train_asks_the_train_command_for_a_fresh_start(tmp_path):
+    plain = snakemake("-n", "-p", tmp_path=tmp_path)
+    forced = snakemake("-n", "-p", "--forcerun", "train", tmp_path=tmp_path)
+    assert plain.returncode == 0 and forced.returncode == 0, forced.stderr[-2000:]
+    train_lines = [[line for line in (r.stdout + r.stderr).splitlines() if "flashnet train --name" in line]
+                   for r in (plain, forced)]
+    assert train_lines[0] and not any(" --fresh" in line for line in train_lines[0])
+    assert train_lines[1] and all(" --fresh >" in line for line in train_lines[1])

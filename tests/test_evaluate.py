@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -121,3 +122,18 @@ def test_a_sample_count_that_differs_from_the_manifest_fails(trained, tiny_datas
     with pytest.raises(DataError, match="evaluated 39 samples but .* lists 40"):
         evaluate.evaluate_from_cli(args_for(trained, tiny_dataset, tmp_path / "eval.json"))
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_val_shard_damaged_after_its_manifest_is_named_before_any_job(trained, tiny_dataset, tmp_path):
+    """Issue 14, case 2: evaluation checked shard sizes only; a flipped byte keeps the size."""
+    copy = tmp_path / "val"
+    shutil.copytree(tiny_dataset.val_manifest.parent, copy)
+    shard = copy / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    args = argparse.Namespace(**{**vars(args_for(trained, tiny_dataset, tmp_path / "eval.json")),
+                                 "val_manifest": copy / "manifest.json"})
+    with pytest.raises(DataError, match=rf"^{shard}: sha256 differs from {copy / 'manifest.json'}"):
+        evaluate.evaluate_from_cli(args)
+    assert not (trained / "jobs" / "active.json").exists() and not (tmp_path / "eval.json").exists()

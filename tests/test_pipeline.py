@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from snakemake.utils import validate
 
 from flashnet import config as cfg
 from flashnet import pipeline
+from flashnet.data.sources import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,14 +99,52 @@ def test_sample_data_arguments(config):
     assert "--classes=10" in args and "--train-per-class=100" in args and "--no-odd-files" not in args
 
 
-def test_dataset_files_detect_the_layout(config, tmp_path):
-    config["sample_data"]["generate"] = False
-    config["data_dir"] = str(tmp_path)
-    (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
+def extracted_layout(folder: Path) -> Path:
+    for split in ("train", "val"):
+        (folder / split / "n01440764").mkdir(parents=True)
+    return folder
+
+
+def test_by_default_the_generator_feeds_the_index_from_its_own_folder(config):
+    assert config["sample_data"]["generate"] == "auto"
+    assert pipeline.generates_sample_data(config)
+    assert pipeline.dataset_files(config) == pipeline.sample_data_files(config)
+    assert pipeline.data_dir_of(pipeline.dataset_files(config)) == pipeline.SAMPLE_DATA_DIR
+
+
+@pytest.mark.parametrize("generate", ["auto", False])
+def test_a_data_dir_elsewhere_is_used_as_given_and_the_generator_stays_off(config, tmp_path, generate):
+    """Issue 14, case 1: with the generator at its default, a user's data_dir was written into
+    (official-layout tars beside the user's folders) and then trained on."""
+    config["sample_data"]["generate"] = generate
+    config["data_dir"] = str(extracted_layout(tmp_path / "imagenet"))
+    assert not pipeline.generates_sample_data(config)
     files = pipeline.dataset_files(config)
-    assert files == [str(tmp_path / "train"), str(tmp_path / "val")]
-    assert pipeline.data_dir_of(files) == str(tmp_path)
+    assert files == [str(tmp_path / "imagenet" / "train"), str(tmp_path / "imagenet" / "val")]
+    assert pipeline.data_dir_of(files) == str(tmp_path / "imagenet")
+    assert not any(str(tmp_path) in f for f in pipeline.sample_data_files(config)), "the generator's folder is its own"
+
+
+def test_generate_true_with_a_data_dir_elsewhere_is_ambiguous_and_fails_naming_what_to_set(config, tmp_path):
+    config["sample_data"]["generate"] = True
+    config["data_dir"] = str(extracted_layout(tmp_path / "imagenet"))
+    with pytest.raises(cfg.ConfigError) as error:
+        pipeline.dataset_files(config)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"sample_data.generate is true, but data_dir is {tmp_path / 'imagenet'}")
+    assert "set sample_data.generate to auto (or false)" in message and pipeline.SAMPLE_DATA_DIR in message
+
+
+@pytest.mark.parametrize("generate", ["auto", False, True])
+def test_a_file_as_data_dir_is_named_before_any_job(config, tmp_path, generate):
+    (tmp_path / "imagenet.tar").write_bytes(b"not a folder")
+    config["sample_data"]["generate"] = generate
+    config["data_dir"] = str(tmp_path / "imagenet.tar")
+    expected = "sample_data.generate is true" if generate is True else "is not a directory"
+    with pytest.raises((cfg.ConfigError, DataError), match=expected) as error:
+        pipeline.dataset_files(config)
+    assert str(tmp_path / "imagenet.tar") in str(error.value)
 
 
 def test_a_wrong_data_dir_fails_before_any_job(config, tmp_path):
@@ -112,3 +152,18 @@ def test_a_wrong_data_dir_fails_before_any_job(config, tmp_path):
     config["data_dir"] = str(tmp_path / "nowhere")
     with pytest.raises(Exception, match="does not exist"):
         pipeline.dataset_files(config)
+
+
+def test_runs_given_as_malformed_yaml_are_reported_as_a_yaml_error():
+    """`--config runs='{a: [1, 2}'` reaches the workflow as the string Snakemake could not parse."""
+    with pytest.raises(cfg.ConfigError, match=r"^runs: not valid YAML: while parsing a flow sequence"):
+        pipeline.expand_presets({"runs": "{default: {epochs: [1, 2}}"}, ROOT)
+
+
+def test_forced_rules_are_read_from_the_invocation():
+    def workflow(forcerun=(), forceall=False):
+        return types.SimpleNamespace(dag_settings=types.SimpleNamespace(forcerun=frozenset(forcerun), forceall=forceall))
+
+    assert pipeline.forced(workflow({"train"}), "train") and pipeline.forced(workflow(forceall=True), "train")
+    assert not pipeline.forced(workflow({"write_shards"}), "train") and not pipeline.forced(workflow(), "train")
+    assert not pipeline.forced(types.SimpleNamespace(), "train")

@@ -16,6 +16,7 @@ from PIL import Image
 from scipy.io import loadmat
 
 from flashnet.data import sample, sources
+from flashnet.data.sources import DataError
 
 
 
@@ -150,3 +151,16 @@ def test_same_seed_same_bytes_other_seed_other_bytes(sample_root, tmp_path, kit)
 def test_unknown_layout_is_refused(tmp_path, kit):
     with pytest.raises(ValueError, match="unknown layout"):
         sample.write_sample_data(tmp_path, kit.SPEC, layouts=("official", "zip"))
+
+
+def test_the_generator_writes_only_into_an_empty_folder_or_its_own(tmp_path, kit):
+    """Issue 14, case 1: it must never add its tars to a user's data set."""
+    user = tmp_path / "imagenet"
+    (user / "train" / "n01440764").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"^{user}: not empty and not written by the sample-data generator"):
+        sample.write_sample_data(user, kit.SPEC)
+    assert sorted(p.name for p in user.iterdir()) == ["train"]
+    own = tmp_path / "sample"
+    sample.write_sample_data(own, kit.SPEC)
+    sample.write_sample_data(own, kit.SPEC)  # its own folder: rewritten
+    assert (own / sample.MARKER).exists()

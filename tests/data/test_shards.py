@@ -18,6 +18,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
@@ -145,11 +146,32 @@ def test_reader_keeps_one_file_open_at_a_time(sample_root, tmp_path):
     assert peak == 1 and len(os.listdir("/proc/self/fd")) == before
 
 
-def test_images_over_the_decompression_bomb_limit_are_rejected(sample_root, monkeypatch):
+def test_images_over_the_decompression_bomb_limit_are_rejected_saying_so(sample_root, monkeypatch):
+    """Issue 14: a valid photo over the limit was called "unreadable"."""
     jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    width, height = decoded(jpeg).size
+    png = io.BytesIO()
+    decoded(jpeg).save(png, "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)
-    with pytest.raises(shards.Rejected, match="exceeds the decompression-bomb limit of 1599 pixels"):
+    with pytest.raises(shards.Rejected, match=rf"^{width}×{height} image is larger than 1599 pixels \(PIL's "
+                                              r"decompression-bomb limit\); set shards.max_side to shrink"):
         shards.prepare_image(jpeg, None, 90)
+    with pytest.raises(shards.Rejected, match=rf"^{width}×{height} image is larger than 1599 pixels"):
+        shards.prepare_image(png.getvalue(), 32, 90)
+
+
+def test_a_jpeg_over_the_limit_is_decoded_scaled_down_when_max_side_shrinks_it(sample_root, monkeypatch):
+    """Issue 14: with max_side set, such a photo was rejected although it would be shrunk anyway."""
+    jpeg = source_images(sample_root, "val")["ILSVRC2012_val_00000001"]
+    original = decoded(jpeg).convert("RGB")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", original.width * original.height // 2)
+    out, reason, resized = shards.prepare_image(jpeg, 32, 90)
+    small = decoded(out)
+    assert (reason, resized, max(small.size)) == (None, True, 32)
+    assert abs(small.width / small.height - original.width / original.height) < 0.05  # rounding only
+    reference = original.resize(small.size, Image.LANCZOS)
+    difference = np.abs(np.asarray(small, dtype=float) - np.asarray(reference, dtype=float))
+    assert difference.mean() < 12.0
 
 
 # --------------------------------------------------------------------------- the index file
@@ -363,7 +385,7 @@ def test_verify_manifest_full_catches_a_changed_byte(shard_copy):
     data[2000] ^= 0x01  # inside the first image, same size
     path.write_bytes(bytes(data))
     shards.verify_manifest(shard_copy / "manifest.json")  # sizes alone cannot tell
-    with pytest.raises(DataError, match=r"train-000003.tar: sha256 differs from the manifest"):
+    with pytest.raises(DataError, match=r"train-000003.tar: sha256 differs from .*manifest.json"):
         shards.verify_manifest(shard_copy / "manifest.json", full=True)
 
 
@@ -517,6 +539,38 @@ def test_rerun_after_a_finished_job_rewrites_nothing(official_results, sample_ro
     assert {p.name: identity(p) for p in run.shard_paths("train")} == before
 
 
+def test_forcerun_rewrites_a_shard_damaged_since_its_journal_line(official_results, sample_root, stage, rewrites):
+    """Issue 14, case 2: `--forcerun write_shards` deletes the parts' outputs and reruns them; the
+    journal kept every shard whose size matched, a damaged one included. It now keeps only shards
+    whose sha256 is the one it recorded (a rerun after a lost Snakemake must still keep those)."""
+    run = stage(sample_root / "official")
+    run.run("train")
+    damaged = run.shard_dir("train") / "train-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[2000] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    for path in run.part_paths("train"):
+        path.unlink()  # what Snakemake does to a forced job's outputs before running it
+    rewrites.clear()
+    run.write("train")
+    assert rewrites == ["train-000001.tar"]
+    assert run.digests("train") == official_results.digests("train")
+    run.manifest("train")
+
+
+def test_shards_converted_by_an_older_conversion_are_rewritten(official_results, sample_root, stage, rewrites):
+    run = stage(sample_root / "official")
+    run.run("train")
+    for journal in (run.shard_dir("train") / "parts").glob("*.journal.jsonl"):
+        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        for line in lines:
+            line.get("settings", {}).pop("conversion", None)  # as journals written before it existed
+        journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rewrites.clear()
+    run.write("train")
+    assert rewrites == [p.name for p in run.shard_paths("train")]
+
+
 def test_journal_line_cut_short_by_a_kill_is_dropped_and_later_lines_count(official_results, sample_root, stage,
                                                                            rewrites):
     run = stage(sample_root / "official")
@@ -600,3 +654,98 @@ def test_killed_rewrite_with_other_settings_does_not_leave_a_stale_shard(officia
     run.write("train")
     assert run.digests("train") == official_results.digests("train")
     run.manifest("train")
+
+
+# --------------------------------------------------------------------------- every mode PIL opens
+
+_RAMP = np.linspace(0.0, 1.0, 96 * 64).reshape(64, 96)  # a smooth ramp: JPEG keeps it within a level or two
+
+
+def _png_or_tiff(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _palette_image() -> tuple[Image.Image, np.ndarray]:
+    rgb = np.stack([_RAMP * 255, 255 - _RAMP * 255, np.full_like(_RAMP, 90)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB").quantize(64)
+    return image, np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def _source(mode: str) -> tuple[Image.Image, np.ndarray]:
+    """An image in ``mode`` and the 8-bit RGB pixels a correct conversion gives."""
+    grey8 = np.repeat((_RAMP * 255)[..., None], 3, axis=-1)
+    if mode == "I;16":
+        return Image.fromarray(np.rint(_RAMP * 65535).astype(np.uint16)), grey8
+    if mode == "I":
+        return Image.fromarray(np.rint(_RAMP * (2**31 - 1)).astype(np.int32)), grey8
+    if mode == "F":
+        return Image.fromarray(_RAMP.astype(np.float32)), grey8
+    if mode == "P":
+        return _palette_image()
+    if mode == "1":
+        bits = _RAMP > 0.5
+        return Image.fromarray(bits), np.repeat(bits[..., None] * 255.0, 3, axis=-1)
+    if mode in ("RGBA", "LA"):
+        grey = (_RAMP * 255).astype(np.uint8)
+        alpha = np.full_like(grey, 128)
+        channels = [grey, 255 - grey, np.full_like(grey, 60), alpha] if mode == "RGBA" else [grey, alpha]
+        image = Image.fromarray(np.stack(channels, axis=-1))
+        colour = np.stack(channels[:3], axis=-1) if mode == "RGBA" else grey8
+        return image, colour.astype(np.float64)
+    return Image.fromarray((_RAMP * 255).astype(np.uint8)), grey8
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("I;16", "PNG"), ("I;16", "TIFF"), ("I", "TIFF"), ("F", "TIFF"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
+    ("1", "PNG"), ("L", "PNG"),
+])
+def test_every_mode_converts_to_the_pixels_of_its_source(mode, fmt):
+    """Issue 14, case 4: 16-bit greyscale was clipped at 255 (near white) instead of scaled."""
+    image, expected = _source(mode)
+    data = _png_or_tiff(image, fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    out, reason, _ = shards.prepare_image(data, None, 95)
+    pixels = np.asarray(decoded(out).convert("RGB"), dtype=np.float64)
+    assert pixels.shape == expected.shape
+    assert np.abs(pixels - expected).mean() < 3.0, (mode, fmt, pixels.mean(), expected.mean())
+    assert reason.startswith(f"{fmt} file converted to an RGB JPEG")
+    if mode in ("I;16", "I", "F"):
+        assert reason.endswith("greyscale scaled to 8 bits)"), reason
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A folder on its own tiny tmpfs (needs root, as the SLURM tests do); unmounted afterwards."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_leaves_no_temporary_shard_and_says_so_in_one_line(sample_root, stage, small_tmpfs, capsys):
+    """Issue 14, case 5: discard() flushed before unlinking, hit ENOSPC again, left the temporary
+    shard behind and reported a chained traceback without the shard's path."""
+    from flashnet import cli
+
+    run = stage(sample_root / "official")
+    run.index("train")
+    index = small_tmpfs / "index.json"
+    shutil.copy(run.index_path("train"), index)
+    code = cli.main(["write-shards", str(index), "--part", "0", "--parts", "1", "--out",
+                     str(small_tmpfs / "parts" / "0.json")])
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress line
+    assert code == 2
+    assert re.fullmatch(rf"flashnet write-shards: error: {small_tmpfs}/train-00000\d\.tar: no space left on device "
+                        rf"in {small_tmpfs} while writing this shard \(its temporary file was removed\); free space "
+                        r"there and rerun", err), err
+    assert not list(small_tmpfs.glob(".*.tmp-*"))

@@ -128,3 +128,12 @@ def test_time_axis_units(seconds, unit):
 def test_duration_tick_labels():
     assert [plots.short_duration(s) for s in (1, 30, 60, 300, 3600, 7200, 86400)] == \
            ["1 s", "30 s", "1 min", "5 min", "1 h", "2 h", "1 d"]
+
+
+def test_a_run_shorter_than_its_log_interval_still_gets_a_report(two_runs, settings, tmp_path):
+    """Issue 14: a smoke test of fewer steps than log_every_steps leaves steps.csv with its header
+    only, and the report rule used to fail the whole workflow on it."""
+    steps = two_runs[0] / "steps.csv"
+    steps.write_text(steps.read_text().splitlines()[0] + "\n")
+    out_dir = tmp_path / "report"
+    assert set(build.build_report(two_runs, settings, out_dir)) == EXPECTED_FILES

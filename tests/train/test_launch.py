@@ -4,7 +4,9 @@ running when its waiting process is stopped."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +18,7 @@ import pytest
 from flashnet.config import ConfigError, LauncherConfig, RunConfig
 from flashnet.data.sources import DataError
 from flashnet.train import launch
+from flashnet.train.recipe import TrainSpec
 
 LOCAL = dict(cluster="local", timeout_min=30, signal_delay_s=60, max_num_timeout=3, cpus_per_task=1,
              mem_gb_per_node=None, setup=[], ddp_timeout_s=120, poll_s=0.2, slurm_extra={})
@@ -49,9 +52,23 @@ def test_a_manifest_that_does_not_verify_stops_submission(tiny_dataset, tmp_path
                                        copy / "manifest.json", tiny_dataset.val_manifest)
 
 
-def test_a_run_with_a_job_still_running_is_refused(tmp_path):
+def test_a_shard_damaged_after_its_manifest_stops_submission_naming_it(tiny_dataset, tmp_path):
+    """Issue 14, case 2: a flipped byte keeps the shard's size, and training used to check only sizes."""
+    copy = tmp_path / "train"
+    shutil.copytree(tiny_dataset.train_manifest.parent, copy)
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01  # inside the first image
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"^{shard}: sha256 differs from {copy / 'manifest.json'} .*"
+                                        r"snakemake --forcerun write_shards$"):
+        launch.check_before_submitting(RunConfig.from_dict(tiny_dataset.run()), LauncherConfig.from_dict(LOCAL),
+                                       copy / "manifest.json", tiny_dataset.val_manifest)
+
+
+def test_a_run_with_a_job_still_running_is_refused(tmp_path, start_process):
     # A stand-in for submitit's local controller: a process whose command line says so.
-    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local"])
+    controller = start_process([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local"])
     try:
         (tmp_path / launch.ACTIVE_JOB).write_text(json.dumps({"cluster": "local", "job_id": str(controller.pid)}))
         with pytest.raises(launch.JobFailed, match=rf"local job {controller.pid} of this run is still running.*kill"):
@@ -61,6 +78,18 @@ def test_a_run_with_a_job_still_running_is_refused(tmp_path):
         controller.wait()
     launch.refuse_if_running(tmp_path)  # gone now: the stale record is dropped
     assert not (tmp_path / launch.ACTIVE_JOB).exists()
+
+
+def test_a_run_followed_by_another_invocation_is_refused_naming_its_host_and_pid(tmp_path, running_invocation):
+    """Issue 14, case 6: the refusal said the waiting process was killed, when it was alive."""
+    record = running_invocation(tmp_path / "jobs")
+    with pytest.raises(launch.JobFailed) as error:
+        launch.refuse_if_running(tmp_path / "jobs")
+    assert str(error.value) == (
+        f"local job {record['job_id']} of this run is being followed by another invocation (host "
+        f"{socket.gethostname()}, pid {record['pid']}, results in {tmp_path}); wait for it to end, or stop it "
+        f"and its job (kill {record['job_id']}), then rerun")
+    assert json.loads((tmp_path / "jobs" / launch.ACTIVE_JOB).read_text()) == record
 
 
 def test_stopping_the_waiting_process_cancels_the_job(tmp_path):
@@ -117,3 +146,19 @@ def test_a_job_that_will_not_cancel_is_reported_not_waited_for_forever(monkeypat
     assert launch.cancel_slurm_job(job, timeout_s=0.05, poll_s=0.01) == "PENDING"
     assert job.cancels >= 2
 
+
+
+def test_forcerun_train_moves_an_interrupted_runs_checkpoints_aside(tiny_dataset, tmp_path, capsys):
+    """Issue 14, case 3: `--forcerun train` (the rule passes --fresh) retrains from scratch, as the
+    README says, even after an interrupted run left a resume checkpoint; a plain rerun resumes."""
+    spec = TrainSpec("tiny", tiny_dataset.run(), str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest),
+                     str(tmp_path))
+    launch.set_aside_stale_checkpoint(spec)
+    spec.checkpoint.write_bytes(b"an interrupted run's checkpoint")
+    launch.set_aside_stale_checkpoint(spec)  # same settings, not forced: kept for resuming
+    assert spec.checkpoint.exists()
+    launch.set_aside_stale_checkpoint(spec, fresh=True)
+    assert not spec.checkpoint.exists()
+    (aside,) = tmp_path.glob("checkpoints.forced-*")
+    assert (aside / "last.ckpt").read_bytes() == b"an interrupted run's checkpoint"
+    assert f"--forcerun train: not resuming from {spec.checkpoint}: moved it to {aside}" in capsys.readouterr().out

@@ -251,3 +251,21 @@ def test_lars_epsilon_reaches_the_optimizer(tiny_run):
     optimizer = build_optimizer(run, build_model(run, 4))
     assert {group["eps"] for group in optimizer.param_groups} == {1e-9}
     assert RunConfig.from_dict(tiny_run()).lars_epsilon == 0.0  # MLPerf's closed rules
+def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_one(tiny_dataset, finished_run, tmp_path, capsys):
+    """Issue 14, case 3: a truncated last.ckpt made every rerun fail in torch, naming no file."""
+    reference, reference_summary = finished_run
+    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=1, checkpoint_every_steps=3)
+    stop = StopRequest()
+    with pytest.raises(Preempted, match="stopped"):
+        train(spec, None, stop, extra_callbacks=[StopAtStep(stop, 7)])
+    previous = spec.checkpoint.with_name("last.prev.ckpt")
+    assert previous.exists(), "the checkpoint before the newest is kept"
+    data = spec.checkpoint.read_bytes()
+    spec.checkpoint.write_bytes(data[: len(data) // 3])
+    summary = train(spec, None, StopRequest())
+    assert f"{spec.checkpoint}: damaged resume checkpoint" in capsys.readouterr().out
+    assert summary["steps"] == reference_summary["steps"]
+    expected, resumed = load_weights(reference), load_weights(tmp_path)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert not spec.checkpoint.exists() and not previous.exists()

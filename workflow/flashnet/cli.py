@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-manifest", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
     add_progress_options(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="train from scratch: move the run's resume checkpoints aside (--forcerun train)")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="evaluate a run's final checkpoint on the val shards")

@@ -139,7 +139,7 @@ def evaluate_from_cli(args: argparse.Namespace) -> None:
         raise DataError(f"{summary_path}: missing or unfinished: training did not finish")
     model_path = run_dir / "model.pt"
     record = load_final_model(model_path)
-    manifest = verify_manifest(args.val_manifest)
+    manifest = verify_manifest(args.val_manifest, full=True)
     if manifest["wnids"] != record["wnids"]:
         raise DataError(f"{model_path} was trained on other classes than {args.val_manifest} lists")
     launcher = LauncherConfig.from_dict(args.launcher)

@@ -10,6 +10,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import config as cfg
 from .data import sources
 
@@ -26,7 +28,14 @@ REPORT_FIGURES = {
 def expand_presets(config: dict[str, Any], basedir: str | Path) -> dict[str, Any]:
     """``config["runs"]`` with presets (config/presets.yaml beside the workflow) expanded."""
     presets = cfg.load_presets(Path(basedir) / "config" / "presets.yaml")
-    return cfg.expand_presets(config.get("runs", {}), presets)
+    runs = config.get("runs", {})
+    if isinstance(runs, str):
+        # `--config runs=...` that YAML could not parse reaches here as the raw string.
+        try:
+            yaml.safe_load(runs)
+        except yaml.YAMLError as error:
+            raise cfg.ConfigError(f"runs: not valid YAML: {' '.join(str(error).split())}") from None
+    return cfg.expand_presets(runs, presets)
 
 
 def results(config: dict[str, Any], *parts: str) -> str:
@@ -44,8 +53,31 @@ def final_outputs(config: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- data stage
 
 
+# The generator's own folder: it writes nowhere else, so a data_dir elsewhere is never written to.
+SAMPLE_DATA_DIR = "resources/sample-imagenet"
+
+
+def generates_sample_data(config: dict[str, Any]) -> bool:
+    """Whether the workflow generates its input: ``sample_data.generate`` resolved against data_dir.
+
+    ``auto`` generates exactly when data_dir is the generator's folder, so pointing data_dir at a
+    data set is all it takes to use it. ``true`` with data_dir elsewhere is ambiguous (train on the
+    generated data or on the folder given?) and fails here, before any job.
+    """
+    generate = str(config["sample_data"]["generate"]).lower()  # --config passes "true"/"false" as text
+    is_sample_dir = Path(config["data_dir"]).resolve() == Path(SAMPLE_DATA_DIR).resolve()
+    if generate == "auto":
+        return is_sample_dir
+    if generate == "true" and not is_sample_dir:
+        raise cfg.ConfigError(
+            f"sample_data.generate is true, but data_dir is {config['data_dir']}: the generator writes only to "
+            f"{SAMPLE_DATA_DIR}. To train on {config['data_dir']}, set sample_data.generate to auto (or false); "
+            f"to train on generated data, leave data_dir at {SAMPLE_DATA_DIR}")
+    return generate == "true"
+
+
 def sample_data_files(config: dict[str, Any]) -> list[str]:
-    data_dir = Path(config["data_dir"])
+    data_dir = Path(SAMPLE_DATA_DIR)
     return [str(data_dir / name) for name in (sources.OFFICIAL_TRAIN, sources.OFFICIAL_VAL, sources.OFFICIAL_DEVKIT)]
 
 
@@ -62,7 +94,7 @@ def sample_data_args(config: dict[str, Any]) -> str:
 def dataset_files(config: dict[str, Any]) -> list[str]:
     """The input files the index depends on, each directly in data_dir (see :func:`data_dir_of`).
     Detecting the layout here reports a wrong data_dir before any job starts."""
-    if config["sample_data"]["generate"]:
+    if generates_sample_data(config):
         return sample_data_files(config)
     data_dir = Path(config["data_dir"])
     layout = sources.detect_layout(data_dir)
@@ -162,6 +194,31 @@ def cluster_run_config(config: dict[str, Any], run: str, executor: str | None) -
             f"runs.{run}.accelerator: auto cannot size a SLURM job (its GPUs are requested when it is "
             "queued); set gpu (devices_per_node GPUs on each node) or cpu")
     return settings
+
+
+def refuse_run_in_progress(config: dict[str, Any], run: str) -> list[str]:
+    """No input files; raises when another invocation's job for this run still runs.
+
+    Called from the train and evaluate rules' input, so at DAG time: once a job of this invocation
+    started, Snakemake would already have deleted the running run's outputs (metrics.csv,
+    steps.csv) and truncated its log."""
+    folder = Path(results(config, "runs", run, "jobs"))
+    if not (folder / "active.json").exists():
+        return []
+    from .train import launch  # imports torch and submitit: only when there is something to check
+
+    try:
+        launch.refuse_if_running(folder)
+    except launch.JobFailed as error:
+        raise cfg.ConfigError(f"runs.{run}: {error}") from None
+    return []
+
+
+def forced(workflow: Any, rule: str) -> bool:
+    """Whether this invocation was told to rerun ``rule`` (``--forcerun rule`` or ``--forceall``).
+    Only meaningful for local rules: a job run remotely is told --force, never which rules."""
+    settings = getattr(workflow, "dag_settings", None)
+    return bool(settings and (settings.forceall or rule in set(settings.forcerun or ())))
 
 
 def executor_name(workflow: Any) -> str | None:

@@ -6,6 +6,8 @@ rule evaluate:
         model=f"{RESULTS}/runs/{{run}}/model.pt",
         summary=f"{RESULTS}/runs/{{run}}/summary.json",
         val=f"{RESULTS}/shards/val/manifest.json",
+        # Fails at DAG time if another invocation's job for this run still runs (no files).
+        in_progress=lambda wildcards: pipeline.refuse_run_in_progress(config, wildcards.run),
     output:
         f"{RESULTS}/runs/{{run}}/eval.json",
     log:

@@ -6,6 +6,8 @@ rule train:
     input:
         train=f"{RESULTS}/shards/train/manifest.json",
         val=f"{RESULTS}/shards/val/manifest.json",
+        # Fails at DAG time if another invocation's job for this run still runs (no files).
+        in_progress=lambda wildcards: pipeline.refuse_run_in_progress(config, wildcards.run),
     output:
         summary=f"{RESULTS}/runs/{{run}}/summary.json",
         metrics=f"{RESULTS}/runs/{{run}}/metrics.csv",
@@ -21,6 +23,8 @@ rule train:
             config, wildcards.run, resources, pipeline.executor_name(workflow)
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        # --forcerun train (or -F): start from scratch, not from an interrupted run's checkpoint.
+        fresh=lambda wildcards: "--fresh" if pipeline.forced(workflow, "train") else "",
     conda:
         "../../envs/train.yaml"
     resources:
@@ -28,6 +32,6 @@ rule train:
     localrule: True
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
-        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
+        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q} {params.fresh}"
         # Progress lines reach Snakemake's stderr on fd 3 (flashnet/watch.py); everything goes to the log.
         " --progress-fd 3 --log-file {log:q} 3>&2 > {log:q} 2>&1"

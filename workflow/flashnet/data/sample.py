@@ -24,6 +24,9 @@ from PIL import Image, ImageDraw
 from . import sources
 
 LAYOUTS = ("official", "extracted", "kaggle")
+# Written first into every folder the generator fills: it writes only into an empty folder or one
+# holding this file, never into a data set that happens to be where it was pointed.
+MARKER = ".flashnet-sample-data"
 # A fixed timestamp keeps the archives byte-identical from run to run (ILSVRC2012's release year).
 ARCHIVE_MTIME = 1_338_000_000
 
@@ -267,6 +270,18 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def claim_folder(out: Path) -> None:
+    """Mark ``out`` as the generator's, refusing a folder that holds anything else."""
+    if out.exists() and not out.is_dir():
+        raise sources.DataError(f"{out}: is a file, not a folder for the sample data")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise sources.DataError(
+            f"{out}: not empty and not written by the sample-data generator (no {MARKER}); it writes only into an "
+            "empty folder or its own (an old sample-data folder: remove it and rerun)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by flashnet sample-data; the generator may overwrite this folder\n")
+
+
 def write_sample_data(out: str | Path, spec: SampleSpec, layouts=("official",)) -> dict[str, int]:
     """Write the sample data under ``out`` in each layout named (each to its own folder when more
     than one: ``out/<layout>``). Returns the image counts per split."""
@@ -274,6 +289,7 @@ def write_sample_data(out: str | Path, spec: SampleSpec, layouts=("official",)) 
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
         raise ValueError(f"unknown layout(s) {sorted(unknown)}; expected {LAYOUTS}")
+    claim_folder(out)
     roots = {layout: out if len(layouts) == 1 else out / layout for layout in layouts}
     classes = sample_classes(spec)
     train_counts = {}

@@ -5,8 +5,10 @@ split (so every shard mixes classes) and ``samples_per_shard`` consecutive entri
 conversion job writes a contiguous range of shards; a shard appears under its final name only when
 complete (write to a temporary name, then rename), and the job's journal records when a shard is
 begun and when it is finished, so a rerun skips exactly the shards whose newest journal line says
-they were finished with the same settings. The manifest step re-reads every shard and accounts for
-every input: written + rejected = found, and found = what the dataset's metadata promises.
+they were finished with the same settings (and conversion code) and whose sha256 still matches.
+The manifest step re-reads every shard and accounts for every input: written + rejected = found,
+and found = what the dataset's metadata promises. Image preparation is :mod:`.images`; checking
+shards against the manifest's sha256 before a job uses them is :mod:`.checksums`.
 
 Samples: ``__key__`` = the source file's stem, ``jpg`` = its bytes (or an RGB JPEG re-encoding,
 listed under ``converted``), ``cls`` = the label as decimal text.
@@ -16,25 +18,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import tarfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import simplejpeg
-from PIL import Image, UnidentifiedImageError
 
 from ..progress import progress
+from . import checksums
+from .images import CHECKS, Rejected, prepare_image
 from .sources import DataError, SplitIndex
 from .tarfiles import ShardFile
 
 INDEX_FORMAT = "flashnet-index/1"
+# Part of every journal record's settings: raise it when prepare_image converts differently, so a
+# rerun after an upgrade rewrites shards instead of keeping ones the old code converted.
+# 2: wide greyscale modes scaled, not clipped; JPEGs over PIL's pixel limit shrunk to max_side.
+CONVERSION_VERSION = 2
 MANIFEST_FORMAT = "flashnet-manifest/1"
 
 
@@ -115,96 +120,6 @@ def load_plan(path: str | Path) -> ShardPlan:
                      hashlib.sha256(raw).hexdigest())
 
 
-# --------------------------------------------------------------------------- images
-
-
-class Rejected(Exception):
-    """An input file that cannot be used as an image; the message is the reason."""
-
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_JPEG_END = b"\xff\xd9"
-# Some encoders pad after the end-of-image marker; it must lie within the file's last bytes.
-_JPEG_END_WINDOW = 1024
-# libjpeg-turbo's name for a JPEG's colour space → (what the check decodes it to, why it is converted).
-_JPEG_COLOUR_SPACES = {
-    "YCbCr": ("RGB", None),
-    "RGB": ("RGB", None),
-    "Gray": ("GRAY", "greyscale JPEG converted to RGB"),
-    "CMYK": ("CMYK", "CMYK JPEG converted to RGB"),
-    "YCCK": ("CMYK", "CMYK JPEG converted to RGB"),
-}
-
-
-CHECKS = ("decode", "header")
-
-
-def prepare_image(data: bytes, max_side: int | None, quality: int, check: str = "decode",
-                  ) -> tuple[bytes, str | None, bool]:
-    """Check one input file and return (jpeg bytes, conversion reason or None, resized?).
-
-    A JPEG is checked the way the loader decodes it: libjpeg-turbo through simplejpeg in strict
-    mode, which also fails on the "corrupt JPEG data" warnings that PIL lets pass (the loader would
-    crash on such a file mid-epoch). The check decodes every coefficient at 1/8 scale: libjpeg's DCT
-    scaling skips most of the inverse DCT, and the entropy decoding that finds truncated and corrupt
-    files is all done. RGB JPEGs within ``max_side`` keep their bytes; CMYK and greyscale JPEGs,
-    larger ones, and other formats (a PNG named .JPEG) are decoded by PIL and re-encoded as RGB JPEG.
-    Raises :class:`Rejected` for what cannot be decoded.
-
-    ``check="header"`` reads only the JPEG header and looks for the end-of-image marker: it catches
-    empty, truncated and non-JPEG files at a tenth of the cost, but not corrupt compressed data,
-    which then fails the training job that reaches it.
-    """
-    if not data:
-        raise Rejected("empty file (0 bytes)")
-    if not data.startswith(_JPEG_MAGIC):
-        return _reencode(data, max_side, quality, jpeg_conversion=None)
-    try:
-        height, width, colour_space, _ = simplejpeg.decode_jpeg_header(data)
-        if colour_space not in _JPEG_COLOUR_SPACES:
-            raise ValueError(f"JPEG in the {colour_space} colour space")
-        decode_as, conversion = _JPEG_COLOUR_SPACES[colour_space]
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            # The limit PIL enforces on the files it converts, for JPEGs kept as they are too.
-            raise ValueError(f"{width}×{height} pixels exceeds the decompression-bomb limit of "
-                             f"{Image.MAX_IMAGE_PIXELS} pixels")
-        if check == "header":
-            if data.rfind(_JPEG_END, max(0, len(data) - _JPEG_END_WINDOW)) < 0:
-                raise ValueError("no end-of-image marker: truncated JPEG")
-        else:
-            # min_width/min_height ask for DCT scaling; min_factor picks 1/8 (simplejpeg scales only with both).
-            simplejpeg.decode_jpeg(data, colorspace=decode_as, min_width=1, min_height=1, min_factor=8, strict=True)
-    except ValueError as error:
-        raise Rejected(f"unreadable image: {error}") from None
-    too_big = max_side is not None and max(width, height) > max_side
-    if conversion is None and not too_big:
-        return data, None, False
-    return _reencode(data, max_side, quality, conversion)
-
-
-def _reencode(data: bytes, max_side: int | None, quality: int, jpeg_conversion: str | None):
-    """Decode with PIL (any format it reads), convert to RGB, shrink to ``max_side``, encode as JPEG."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as error:
-        raise Rejected(f"unreadable image: {error}") from None
-    if image.format == "JPEG":
-        conversion = jpeg_conversion
-    else:
-        conversion = f"{image.format or 'unknown'} file converted to an RGB JPEG"
-    too_big = max_side is not None and max(image.size) > max_side
-    rgb = image.convert("RGB")
-    if too_big:
-        rgb.thumbnail((max_side, max_side), Image.LANCZOS)
-    buffer = io.BytesIO()
-    rgb.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue(), conversion, too_big
-
-
 class SampleReader:
     """Reads sample bytes by (file, offset, size) from the files under ``data_dir``.
 
@@ -270,8 +185,11 @@ def write_shard(plan: ShardPlan, shard: int, reader: SampleReader, out_dir: Path
             shard_file.add(index.keys[position], {"jpg": data, "cls": str(index.labels[position]).encode()})
             samples += 1
         digest = shard_file.finish()
-    except BaseException:
+    except BaseException as error:
         shard_file.discard()
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise DataError(f"{final}: no space left on device in {out_dir} while writing this shard (its temporary "
+                            "file was removed); free space there and rerun") from None
         raise
     os.replace(tmp, final)
     return {"name": name, "samples": samples, "bytes": shard_file.size, "sha256": digest,
@@ -295,7 +213,8 @@ def write_part(index_path: str | Path, part: int, parts: int, out: str | Path, m
     journal_path.parent.mkdir(parents=True, exist_ok=True)
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
-    settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check}
+    settings = {"index": plan.fingerprint, "max_side": max_side, "quality": quality, "check": check,
+                "conversion": CONVERSION_VERSION}
     with _part_lock(out.with_name(f"{out.stem}.lock")):
         done = _finished_shards(journal_path, settings)
         records = _write_part_shards(plan, part, parts, shard_dir, journal_path, done, settings)
@@ -340,7 +259,10 @@ def _write_part_shards(plan: ShardPlan, part: int, parts: int, shard_dir: Path, 
 
 
 def _is_complete(path: Path, record: dict[str, Any]) -> bool:
-    return path.exists() and path.stat().st_size == record["bytes"]
+    """Whether the shard on disk is the one the journal recorded: its size, then its sha256, so a
+    shard damaged since (a flipped byte keeps the size) is written again by any rerun, `--forcerun
+    write_shards` included. Hashing (~1 GB/s) costs a fraction of converting the shard again."""
+    return path.exists() and path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"]
 
 
 def _finished_shards(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -479,8 +401,9 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
-    """Check that the shards a manifest lists are there, whole (sizes; sha256 with ``full``), and
-    that its accounting adds up. Training runs this before submitting any job."""
+    """Check that the shards a manifest lists are there, whole (sizes; sha256 with ``full``, cached
+    per shard: see :mod:`.checksums`), and that its accounting adds up. Training and evaluation run
+    it with ``full`` before submitting any job, and without in every job."""
     path = Path(path)
     manifest = load_manifest(path)
     shard_dir = path.parent
@@ -494,8 +417,6 @@ def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
             raise DataError(f"{path}: lists {name}, which is missing")
         if shard_path.stat().st_size != shard["bytes"]:
             raise DataError(f"{shard_path}: {shard_path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        if full and sha256_file(shard_path) != shard["sha256"]:
-            raise DataError(f"{shard_path}: sha256 differs from the manifest")
         total += shard["samples"]
     if total != manifest["samples"]:
         raise DataError(f"{path}: shards hold {total} samples, the manifest says {manifest['samples']}")
@@ -503,6 +424,8 @@ def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
         raise DataError(f"{path}: samples + rejected != found")
     if manifest["expected"] is not None and manifest["found"] != manifest["expected"]:
         raise DataError(f"{path}: found {manifest['found']} images, expected {manifest['expected']}")
+    if full:
+        checksums.verify_checksums(path, manifest)
     return manifest
 
 

@@ -61,8 +61,14 @@ class ShardFile:
         return self._sha256.hexdigest()
 
     def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Remove the unfinished file. Closing flushes the buffer, which fails again on a full
+        disk; the file goes either way, and the error that brought us here is the one to report."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

@@ -229,7 +229,8 @@ def plot_throughput(runs: list[RunResults], path: Path) -> Path:
     with rc_context(STYLE):
         figure, axes = new_axes(FIGURE_TITLES["throughput"], "", "images/s (all devices)")
         # Steps logged at time 0 cannot sit on a log axis; they carry no rate worth showing anyway.
-        divisor = set_time_axis(axes, [float(np.nanmax(run.steps["wall_s"])) for run in runs], "training time")
+        divisor = set_time_axis(axes, [float(np.nanmax(run.steps["wall_s"], initial=0.0)) or
+                                       float(run.summary["train_seconds"]) for run in runs], "training time")
         for run in runs:
             s = run.steps
             colour = colours[run.name]

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..progress import format_duration
+from .checkpoints import save_resume
 
 EPOCH_FIELDS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
 STEP_FIELDS = ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s")
@@ -251,8 +252,7 @@ class PlainProgress(pl.Callback):
 
 class ResumeCheckpoints(pl.callbacks.Checkpoint):
     """Resume checkpoints at batch boundaries: every ``every_steps`` steps, at the end of each epoch
-    (after validation), and when a stop is requested. A checkpoint is written to a temporary name
-    and renamed, so a job killed mid-write leaves the previous one intact.
+    (after validation), and when a stop is requested (written by :func:`.checkpoints.save_resume`).
 
     Every ``check_every`` steps the ranks agree (one all-reduce) on whether a stop was requested on
     any of them and whether any saw a non-finite loss; both decisions are taken by all at once.
@@ -271,11 +271,7 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         self._last_scale = None
 
     def save(self, trainer: pl.Trainer) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-        trainer.strategy.barrier("resume-checkpoint")
+        save_resume(trainer, self.path)  # the previous checkpoint survives until this one is complete
 
     def _agree(self, trainer, pl_module) -> tuple[bool, int]:
         flags = torch.stack([

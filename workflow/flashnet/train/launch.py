@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from ..data.shards import verify_manifest
 from ..progress import format_duration
 from ..runfolder import short_reason
 from ..watch import ProgressLines, Snapshot, open_progress_fd
+from . import checkpoints
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, steps_per_epoch, train
 from .trackers import TRACKER_KEYS, require_packages
@@ -134,23 +136,25 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
             raise ConfigError("accelerator: gpu, but this machine has no CUDA device")
         if run.precision == "16-mixed" and not torch.cuda.is_available():
             raise ConfigError("precision: 16-mixed needs a GPU, and this machine has none")
-    train_m, val_m = verify_manifest(train_manifest), verify_manifest(val_manifest)
+    train_m, val_m = verify_manifest(train_manifest, full=True), verify_manifest(val_manifest, full=True)
     if train_m["wnids"] != val_m["wnids"]:
         raise ConfigError(f"{train_manifest} and {val_manifest} list different classes")
     steps_per_epoch(train_m["samples"], run.batch_size)
 
 
-def set_aside_stale_checkpoint(spec: TrainSpec) -> None:
-    """A resume checkpoint made with other settings (or other shards) is moved aside, not reused."""
+def set_aside_stale_checkpoint(spec: TrainSpec, fresh: bool = False) -> None:
+    """A resume checkpoint made with other settings (or other shards) is moved aside, not reused;
+    so is any, with ``fresh`` (``--forcerun train``)."""
     folder = spec.checkpoint.parent
     trained = {key: value for key, value in spec.run.items() if key not in TRACKER_KEYS}  # not what is logged
     fingerprint = {"run": trained, "train": _sha(spec.train_manifest), "val": _sha(spec.val_manifest)}
     record = folder / "settings.json"
-    if spec.checkpoint.exists() and record.exists() and json.loads(record.read_text()) != fingerprint:
-        aside = folder.with_name(f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    changed = record.exists() and json.loads(record.read_text()) != fingerprint
+    if checkpoints.has_resume(spec.checkpoint) and (changed or fresh):
+        aside = folder.with_name(f"checkpoints.{'stale' if changed else 'forced'}-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(folder, aside)
-        print(f"the run's settings or shards changed since {spec.checkpoint} was written: moved it to {aside}; "
-              "training starts afresh", flush=True)
+        why = "the run's settings or shards changed since" if changed else "--forcerun train: not resuming from"
+        print(f"{why} {spec.checkpoint}: moved it to {aside}; training starts afresh", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(fingerprint, sort_keys=True))
 
@@ -332,16 +336,33 @@ def job_still_running(record: dict[str, str]) -> bool:
     return b"submitit.local" in cmdline
 
 
+def waiter_alive(record: dict[str, Any]) -> bool:
+    """Whether the process that follows the job (``flashnet train``/``evaluate``) still runs. On
+    another host this cannot be told, so it counts as alive."""
+    if record.get("host") != socket.gethostname():
+        return "host" in record
+    try:
+        return b"flashnet" in Path(f"/proc/{int(record['pid'])}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def refuse_if_running(folder: Path) -> None:
-    """One job per run: a second one would write into the same checkpoint folder."""
+    """One job per run: a second one would write into the same checkpoint folder. Only reads and
+    raises while the job runs: the running run's files are not this invocation's to touch."""
     path = folder / ACTIVE_JOB
     if not path.exists():
         return
     record = json.loads(path.read_text())
     if job_still_running(record):
+        job = f"{record['cluster']} job {record['job_id']}"
         stop = f"scancel {record['job_id']}" if record["cluster"] == "slurm" else f"kill {record['job_id']}"
-        raise JobFailed(f"{record['cluster']} job {record['job_id']} of this run is still running (its waiting "
-                        f"process was killed); wait for it to end or stop it ({stop}), then rerun")
+        if waiter_alive(record):
+            raise JobFailed(f"{job} of this run is being followed by another invocation (host {record['host']}, "
+                            f"pid {record['pid']}, results in {folder.parent}); wait for it to end, or stop it and "
+                            f"its job ({stop}), then rerun")
+        raise JobFailed(f"{job} of this run is still running (its waiting process was killed); wait for it to end "
+                        f"or stop it ({stop}), then rerun")
     path.unlink()
 
 
@@ -349,7 +370,8 @@ def follow(job, folder: Path, cluster: str, poll_s: float, progress: ProgressLin
     """:func:`wait` for ``job``, recorded in ``folder`` while it runs; if this process is told to stop
     (Ctrl-C, a SIGTERM), the job is cancelled rather than left running with nobody waiting for it."""
     record = folder / ACTIVE_JOB
-    record.write_text(json.dumps({"cluster": cluster, "job_id": str(job.job_id)}))
+    record.write_text(json.dumps({"cluster": cluster, "job_id": str(job.job_id), "host": socket.gethostname(),
+                                  "pid": os.getpid()}))
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -369,13 +391,14 @@ def follow(job, folder: Path, cluster: str, poll_s: float, progress: ProgressLin
         record.unlink(missing_ok=True)
 
 
-def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig):
+def submit_training(spec: TrainSpec, run: RunConfig, launcher: LauncherConfig, fresh: bool = False):
     folder = private_dir(Path(spec.out_dir) / "jobs")
     refuse_if_running(folder)
-    set_aside_stale_checkpoint(spec)
+    set_aside_stale_checkpoint(spec, fresh)
+    resume_from = checkpoints.choose_resume(spec.checkpoint, set_aside=True)
     executor = make_executor(launcher, run.nodes, run.devices_per_node, folder, f"flashnet-train-{spec.name}")
     job = executor.submit(TrainJob(spec))
-    resume = " (resuming from its checkpoint)" if spec.checkpoint.exists() else ""
+    resume = f" (resuming from {resume_from})" if resume_from else ""
     print(f"submitted {launcher.cluster} job {job.job_id} for run {spec.name}{resume}; "
           f"{run.nodes} node(s) × {run.devices_per_node} device(s); logs in {job.paths.folder}", flush=True)
     return job
@@ -391,7 +414,7 @@ def train_from_cli(args: argparse.Namespace) -> None:
     progress = ProgressLines(f"train {args.name}", open_progress_fd(args.progress_fd), args.out_dir, run.epochs,
                              run.batch_size, verify_manifest(args.train_manifest)["samples"])
     try:
-        job = submit_training(spec, run, launcher)
+        job = submit_training(spec, run, launcher, args.fresh)
         progress.submitted(launcher.cluster, str(job.job_id), args.log_file, job.paths.folder)
         summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s, progress)
     except JobFailed as error:

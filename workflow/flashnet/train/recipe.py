@@ -27,6 +27,7 @@ from ..config import ConfigError, RunConfig, device_problem
 from ..data.loader import shard_paths
 from ..data.shards import verify_manifest
 from ..machine import cpu_model
+from . import checkpoints
 from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
 from .datamodule import ShardData
 from .module import ImageNetClassifier
@@ -180,7 +181,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         log_every_n_steps=run.log_every_steps,
         default_root_dir=out_dir,
     )
-    resume = spec.checkpoint if spec.checkpoint.exists() else None
+    resume = checkpoints.choose_resume(spec.checkpoint, say=print if trainer.is_global_zero else None)
     if resume and trainer.is_global_zero:
         print(f"resuming from {resume}", flush=True)
     # Resume checkpoints hold tensors and plain values only, so nothing in them is unpickled as code.
@@ -190,7 +191,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         return None
     summary = write_outputs(spec, run, trainer, module, records, clock, train_manifest, accelerator,
                             eval_schedule.stopped_at_epoch)
-    spec.checkpoint.unlink(missing_ok=True)  # finished: a rerun must train afresh, not resume
+    checkpoints.remove_resume(spec.checkpoint)  # finished: a rerun must train afresh, not resume
     return summary
 
 
