@@ -124,8 +124,10 @@ def runs_section_body(runs: list[RunResults]) -> str:
     return (
         html_table(summary_table(runs))
         + '<p class="note">Top-1 and top-5: final evaluation of the last checkpoint on every validation image '
-          "exactly once (eval.json). Time to target: training time until the per-epoch validation first reached "
-          "the run's target; train time excludes start-up and evaluation.</p>"
+          "exactly once (eval.json). Time to target: training time until the first validation (after each of the "
+          "run's eval epochs) that reached the run's target; train time is the job's wall time in Lightning's fit "
+          "loop, validations, checkpoint writes and compilation included (process start-up and the final "
+          "evaluation excluded).</p>"
         + "<h3>Recipe and hardware</h3>" + html_table(recipe_table(runs))
         + "<h3>Software</h3>" + html_table(software_table(runs))
     )

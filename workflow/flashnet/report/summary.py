@@ -120,7 +120,7 @@ def summary_markdown(runs: list[RunResults], projections: list[proj.Projection],
         "# flashnet report\n",
         f"Generated {generated_at:%Y-%m-%d %H:%M} UTC from {len(runs)} run(s). Top-1/top-5 are from the final "
         "evaluation (eval.json: every validation image once); time to target is training time until the "
-        "per-epoch validation first reached the run's target top-1.\n",
+        "first validation (after each of the run's eval epochs) that reached its target top-1.\n",
         "## Runs\n", markdown_table(summary_table(runs)),
         "### Recipe and hardware\n", markdown_table(recipe_table(runs)),
         "### Software\n", markdown_table(software_table(runs)),
