@@ -208,4 +208,4 @@ def test_forcerun_train_asks_the_train_command_for_a_fresh_start(tmp_path):
     train_lines = [[line for line in (r.stdout + r.stderr).splitlines() if "flashnet train --name" in line]
                    for r in (plain, forced)]
     assert train_lines[0] and not any(" --fresh" in line for line in train_lines[0])
-    assert train_lines[1] and all(" --fresh >" in line for line in train_lines[1])
+    assert train_lines[1] and all(" --fresh " in line for line in train_lines[1])
