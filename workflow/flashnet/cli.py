@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-manifest", type=Path, required=True)
     p.add_argument("--val-manifest", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--mlperf", type=_json_object, default={}, help="the config's mlperf section (JSON)")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="evaluate a run's final checkpoint on the val shards")

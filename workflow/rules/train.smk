@@ -1,5 +1,7 @@
 # One training run per name in config["runs"]. The rule runs on the submitting host and hands the
 # run to submitit (local processes, or a SLURM job under the slurm profile), then waits for it.
+# The run folder also gets mllog.txt, not declared as an output: Snakemake deletes a job's outputs
+# before rerunning it, and a resumed run appends to its MLPerf log.
 
 
 rule train:
@@ -17,6 +19,7 @@ rule train:
         f"{BENCHMARKS}/train/{{run}}.tsv"
     params:
         run=lambda wildcards: pipeline.run_json(config, wildcards.run),
+        mlperf=pipeline.mlperf_json(config),
         launcher=lambda wildcards, resources: pipeline.train_launcher_json(
             config, wildcards.run, resources, pipeline.executor_name(workflow)
         ),
@@ -29,4 +32,5 @@ rule train:
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
         " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
+        " --mlperf {params.mlperf:q}"
         " > {log:q} 2>&1"

@@ -32,7 +32,7 @@ import submitit
 import torch
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
-from ..config import ConfigError, LauncherConfig, RunConfig
+from ..config import ConfigError, LauncherConfig, MlperfConfig, RunConfig
 from ..data.shards import verify_manifest
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, steps_per_epoch, train
@@ -364,7 +364,8 @@ def train_from_cli(args: argparse.Namespace) -> None:
     launcher = LauncherConfig.from_dict(args.launcher)
     check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
-                     str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
+                     str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task,
+                     mlperf=MlperfConfig.from_dict(args.mlperf).to_dict())
     try:
         job = submit_training(spec, run, launcher)
         summary = follow(job, job.paths.folder, launcher.cluster, launcher.poll_s)
