@@ -112,3 +112,14 @@ def test_a_wrong_data_dir_fails_before_any_job(config, tmp_path):
     config["data_dir"] = str(tmp_path / "nowhere")
     with pytest.raises(Exception, match="does not exist"):
         pipeline.dataset_files(config)
+
+
+def test_mlperf_settings_reach_the_train_command(config):
+    assert json.loads(pipeline.mlperf_json(config)) == {"org": "flashnet", "platform": None, "status": "research",
+                                                        "division": "auto"}
+    config["mlperf"] = {**config["mlperf"], "division": "closed", "platform": "64xNVIDIA_H100"}
+    assert json.loads(pipeline.mlperf_json(config))["division"] == "closed"
+    config["mlperf"]["status"] = "available"
+    with pytest.raises(cfg.ConfigError, match=r"mlperf\.status: 'available' is not one of"):
+        pipeline.mlperf_json(config)
+    assert "--mlperf {params.mlperf:q}" in (ROOT / "workflow" / "rules" / "train.smk").read_text()
