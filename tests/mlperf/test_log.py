@@ -109,6 +109,25 @@ def test_resumed_run_says_so_and_is_not_a_valid_time_to_train(tiny_dataset, tmp_
     assert mlperf["time_to_train_s"] is not None  # measured, but labelled not valid
 
 
+def test_a_requeue_after_run_stop_leaves_the_time_to_train_valid(tiny_dataset, tmp_path):
+    """Stopped right after the validation that reached the target (its checkpoint records the stop):
+    run_start → run_stop lay in the first job segment, and nothing more is logged."""
+    spec = make_spec(tiny_dataset, tmp_path, FORCED_CLOSED)
+    stop = StopRequest()
+
+    class StopAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 60:  # the last step of epoch 6, whose validation reaches 0.759
+                stop.request("test")
+
+    with pytest.raises(Preempted):
+        train(spec, None, stop, extra_callbacks=[StopAtStep()])
+    before = (tmp_path / LOG_FILE).read_text()
+    summary = train(spec, None, StopRequest())
+    assert (tmp_path / LOG_FILE).read_text() == before and before.splitlines()[-1].count('"run_stop"') == 1
+    assert summary["mlperf"]["valid"] is True and summary["mlperf"]["resumes"] == 0
+
+
 def test_a_run_that_misses_its_target_is_aborted(tiny_dataset, tmp_path):
     summary = train(make_spec(tiny_dataset, tmp_path, {}, epochs=1, warmup_epochs=0.5, target_top1=0.99), None,
                     StopRequest())

@@ -123,6 +123,8 @@ class MLPerfLog(pl.Callback):
     # ------------------------------------------------------------------ the run
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.status is not None:
+            return  # resumed after run_stop: the time to train was measured in one segment
         if self.resumed:
             self.resumes += 1
             self._log("flashnet_resumed", {"global_step": trainer.global_step, "resumes": self.resumes},
