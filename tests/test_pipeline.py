@@ -167,3 +167,12 @@ def test_forced_rules_are_read_from_the_invocation():
     assert pipeline.forced(workflow({"train"}), "train") and pipeline.forced(workflow(forceall=True), "train")
     assert not pipeline.forced(workflow({"write_shards"}), "train") and not pipeline.forced(workflow(), "train")
     assert not pipeline.forced(types.SimpleNamespace(), "train")
+def test_mlperf_settings_reach_the_train_command(config):
+    assert json.loads(pipeline.mlperf_json(config)) == {"org": "flashnet", "platform": None, "status": "research",
+                                                        "division": "auto"}
+    config["mlperf"] = {**config["mlperf"], "division": "closed", "platform": "64xNVIDIA_H100"}
+    assert json.loads(pipeline.mlperf_json(config))["division"] == "closed"
+    config["mlperf"]["status"] = "available"
+    with pytest.raises(cfg.ConfigError, match=r"mlperf\.status: 'available' is not one of"):
+        pipeline.mlperf_json(config)
+    assert "--mlperf {params.mlperf:q}" in (ROOT / "workflow" / "rules" / "train.smk").read_text()

@@ -51,6 +51,12 @@ def test_every_rcp_row_has_a_preset_and_every_mlperf_preset_a_row():
     assert names == {f"mlperf-lars-b{batch}" for batch in RCP_RESNET_4_0_0}
 
 
+def test_package_rcp_table_equals_this_copy_of_the_source():
+    from flashnet.mlperf.rcp import RCP_RESNET_EPOCHS
+
+    assert RCP_RESNET_EPOCHS == {batch: tuple(row[-1]) for batch, row in RCP_RESNET_4_0_0.items()}
+
+
 @pytest.mark.parametrize("batch", sorted(RCP_RESNET_4_0_0))
 def test_mlperf_preset_equals_its_rcp_row(batch):
     lr, warmup, momentum, weight_decay, decay_steps, bn_span, epochs = RCP_RESNET_4_0_0[batch]

@@ -37,7 +37,7 @@ def test_all_outputs_present(local_run):
     results = local_run.results
     for path in [*(f"shards/{split}/manifest.json" for split in ("train", "val")),
                  *(f"runs/default/{name}" for name in ("summary.json", "metrics.csv", "steps.csv", "model.pt",
-                                                       "eval.json")),
+                                                       "eval.json", "mllog.txt")),
                  "report/report.html", "report/summary.md", "report/summary.csv"]:
         assert (results / path).is_file(), path
     # A finished run leaves no resume checkpoint behind (a rerun would train afresh).

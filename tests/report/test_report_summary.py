@@ -73,10 +73,10 @@ def test_summary_row_takes_accuracy_from_eval_and_the_rest_from_summary(make_run
     assert row["eval_samples"] == 300
 
     table = summary_table([run])
-    assert table.rows == (("lars-b64", "73.12%", "91.55%", "70.0%", "4 min 48 s (epoch 11)", "6 min 52 s", "38.8",
-                           "19.4"),)
+    assert table.rows == (("lars-b64", "73.12%", "91.55%", "70.0%", "4 min 48 s (epoch 11)", "4 min 50 s",
+                           "6 min 52 s", "38.8", "19.4"),)
     assert recipe_table([run]).rows == (("lars-b64", "resnet18", "64", "LARS", "32-true", "1 × 2",
-                                         "AMD EPYC 7B13 (2 cores)", "16"),)
+                                         "AMD EPYC 7B13 (2 cores)", "16", "open"),)
     assert software_table([run]).column("torch") == ["2.14.1"]
     assert software_table([run]).column("Git revision") == ["0123456789ab"]
 

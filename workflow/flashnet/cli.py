@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_options(p)
     p.add_argument("--fresh", action="store_true",
                    help="train from scratch: move the run's resume checkpoints aside (--forcerun train)")
+    p.add_argument("--mlperf", type=_json_object, default={}, help="the config's mlperf section (JSON)")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="evaluate a run's final checkpoint on the val shards")

@@ -334,6 +334,25 @@ LauncherConfig.__doc__ = ("Where and how submitit starts a job: ``launcher:`` of
                           "plus the rule's resources.")
 
 
+# --------------------------------------------------------------------------- MLPerf log
+
+MLPERF = "properties/mlperf"
+
+
+class _MlperfMethods:
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MlperfConfig":
+        return _build(cls, values, MLPERF, "mlperf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MlperfConfig = dataclasses.make_dataclass("MlperfConfig", schema_fields(MLPERF), bases=(_MlperfMethods,), frozen=True)
+MlperfConfig.__module__ = __name__
+MlperfConfig.__doc__ = "What each run's MLPerf log says about the submission: ``mlperf:`` of the config."
+
+
 def loads_json_arg(text: str, what: str) -> dict[str, Any]:
     """Parse a JSON object given on the command line, naming the option on failure."""
     try:

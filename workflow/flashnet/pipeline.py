@@ -133,6 +133,11 @@ def run_json(config: dict[str, Any], run: str) -> str:
     return json.dumps(run_config(config, run).to_dict(), sort_keys=True)
 
 
+def mlperf_json(config: dict[str, Any]) -> str:
+    """The ``mlperf`` section, checked, for ``flashnet train --mlperf``."""
+    return json.dumps(cfg.MlperfConfig.from_dict(config.get("mlperf", {})).to_dict(), sort_keys=True)
+
+
 def resolve_cluster(config: dict[str, Any], executor: str | None) -> str:
     cluster = config["launcher"]["cluster"]
     if cluster == "auto":

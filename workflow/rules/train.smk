@@ -1,5 +1,7 @@
 # One training run per name in config["runs"]. The rule runs on the submitting host and hands the
 # run to submitit (local processes, or a SLURM job under the slurm profile), then waits for it.
+# The run folder also gets mllog.txt, not declared as an output: Snakemake deletes a job's outputs
+# before rerunning it, and a resumed run appends to its MLPerf log.
 
 
 rule train:
@@ -19,6 +21,7 @@ rule train:
         f"{BENCHMARKS}/train/{{run}}.tsv"
     params:
         run=lambda wildcards: pipeline.run_json(config, wildcards.run),
+        mlperf=pipeline.mlperf_json(config),
         launcher=lambda wildcards, resources: pipeline.train_launcher_json(
             config, wildcards.run, resources, pipeline.executor_name(workflow)
         ),
@@ -32,6 +35,7 @@ rule train:
     localrule: True
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
-        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q} {params.fresh}"
+        " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
+        " --mlperf {params.mlperf:q} {params.fresh}"
         # Progress lines reach Snakemake's stderr on fd 3 (flashnet/watch.py); everything goes to the log.
         " --progress-fd 3 --log-file {log:q} 3>&2 > {log:q} 2>&1"

@@ -15,6 +15,7 @@ from . import projection as proj
 from .plots import FIGURE_TITLES
 from .references import PUBLISHED_LABEL, REFERENCES
 from .runs import RunResults
+from .mlperf import COMPARABLE_ONLY, RCP_NOTE, TIME_TO_TRAIN_NOTE, rcp_table
 from .summary import recipe_table, references_table, software_table, summary_table
 from .tables import Table
 
@@ -127,9 +128,12 @@ def runs_section_body(runs: list[RunResults]) -> str:
           "exactly once (eval.json). Time to target: training time until the first validation (after each of the "
           "run's eval epochs) that reached the run's target; train time is the job's wall time in Lightning's fit "
           "loop, validations, checkpoint writes and compilation included (process start-up and the final "
-          "evaluation excluded).</p>"
+          "evaluation excluded). "
+        + escape(TIME_TO_TRAIN_NOTE) + "</p>"
         + "<h3>Recipe and hardware</h3>" + html_table(recipe_table(runs))
         + "<h3>Software</h3>" + html_table(software_table(runs))
+        + f'<h3 id="rcp">MLPerf reference convergence points</h3><p class="badge published">{escape(COMPARABLE_ONLY)}'
+          f'</p><p class="note">{escape(RCP_NOTE)}</p>' + html_table(rcp_table(runs))
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 
 from . import projection as proj
+from .mlperf import (COMPARABLE_ONLY, MLPERF_CSV_COLUMNS, RCP_NOTE, TIME_TO_TRAIN_NOTE, format_time_to_train,
+                     format_division, mlperf_csv_fields, rcp_table)
 from .plots import FIGURE_TITLES
 from .references import PUBLISHED_LABEL, REFERENCES
 from .runs import RunResults
@@ -19,8 +21,8 @@ from .tables import (Table, format_count, format_duration, format_percent, forma
 SUMMARY_CSV_COLUMNS = (
     "run", "model", "global_batch", "optimizer", "precision", "nodes", "devices_per_node", "world_size",
     "accelerator", "device_name", "epochs", "steps", "final_top1", "final_top5", "target_top1",
-    "time_to_target_s", "epochs_to_target", "stopped_at_target", "train_seconds", "images_per_s",
-    "images_per_s_per_device", "eval_samples",
+    "time_to_target_s", "epochs_to_target", "stopped_at_target", *MLPERF_CSV_COLUMNS, "train_seconds",
+    "images_per_s", "images_per_s_per_device", "eval_samples",
 )
 
 
@@ -36,7 +38,7 @@ def summary_csv_row(run: RunResults) -> dict[str, object]:
         "epochs_to_target": s.get("epochs_to_target"), "stopped_at_target": s.get("stopped_at_epoch"),
         "train_seconds": s["train_seconds"],
         "images_per_s": s["images_per_s"], "images_per_s_per_device": s["images_per_s_per_device"],
-        "eval_samples": e["samples"],
+        "eval_samples": e["samples"], **mlperf_csv_fields(run),
     }
 
 
@@ -48,13 +50,13 @@ def summary_table(runs: list[RunResults]) -> Table:
         rows.append((
             r["run"], format_percent(r["final_top1"]), format_percent(r["final_top5"]),
             format_percent(r["target_top1"], 1), format_time_to_target(r["time_to_target_s"], r["epochs_to_target"]),
-            format_duration(r["train_seconds"]), format_rate(r["images_per_s"]),
+            format_time_to_train(run), format_duration(r["train_seconds"]), format_rate(r["images_per_s"]),
             format_rate(r["images_per_s_per_device"]),
         ))
     return Table(
-        headers=("Run", "Top-1", "Top-5", "Target top-1", "Time to target", "Train time", "Images/s",
-                 "Images/s per device"),
-        rows=tuple(rows), numeric=(False,) + (True,) * 7,
+        headers=("Run", "Top-1", "Top-5", "Target top-1", "Time to target", "MLPerf time to train", "Train time",
+                 "Images/s", "Images/s per device"),
+        rows=tuple(rows), numeric=(False,) + (True,) * 8,
     )
 
 
@@ -73,10 +75,12 @@ def recipe_table(runs: list[RunResults]) -> Table:
         rows.append((
             r["run"], r["model"], format_count(r["global_batch"]), r["optimizer"].upper(), r["precision"],
             f"{r['nodes']} × {r['devices_per_node']}", r["device_name"], format_epochs(r["epochs"], r["stopped_at_target"]),
+            format_division(run),
         ))
     return Table(
-        headers=("Run", "Model", "Global batch", "Optimizer", "Precision", "Nodes × devices", "Device", "Epochs"),
-        rows=tuple(rows), numeric=(False, False, True, False, False, True, False, True),
+        headers=("Run", "Model", "Global batch", "Optimizer", "Precision", "Nodes × devices", "Device", "Epochs",
+                 "MLPerf division"),
+        rows=tuple(rows), numeric=(False, False, True, False, False, True, False, True, False),
     )
 
 
@@ -121,9 +125,11 @@ def summary_markdown(runs: list[RunResults], projections: list[proj.Projection],
         f"Generated {generated_at:%Y-%m-%d %H:%M} UTC from {len(runs)} run(s). Top-1/top-5 are from the final "
         "evaluation (eval.json: every validation image once); time to target is training time until the "
         "first validation (after each of the run's eval epochs) that reached its target top-1.\n",
-        "## Runs\n", markdown_table(summary_table(runs)),
+        "## Runs\n", markdown_table(summary_table(runs)), TIME_TO_TRAIN_NOTE + "\n",
         "### Recipe and hardware\n", markdown_table(recipe_table(runs)),
         "### Software\n", markdown_table(software_table(runs)),
+        f"### MLPerf reference convergence points ({COMPARABLE_ONLY})\n", RCP_NOTE + "\n",
+        markdown_table(rcp_table(runs)),
         "## Figures\n", figure_markdown(),
         f"## Published reference points ({PUBLISHED_LABEL})\n",
         "Figures as the sources state them; none of these was run by this workflow.\n",

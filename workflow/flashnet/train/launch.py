@@ -33,7 +33,7 @@ import submitit
 import torch
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
-from ..config import ConfigError, LauncherConfig, RunConfig
+from ..config import ConfigError, LauncherConfig, MlperfConfig, RunConfig
 from ..data.shards import verify_manifest
 from ..progress import format_duration
 from ..runfolder import short_reason
@@ -410,7 +410,8 @@ def train_from_cli(args: argparse.Namespace) -> None:
     check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
     require_packages(run, args.name)
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
-                     str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task)
+                     str(args.out_dir.resolve()), launcher.ddp_timeout_s, launcher.cpus_per_task,
+                     mlperf=MlperfConfig.from_dict(args.mlperf).to_dict())
     progress = ProgressLines(f"train {args.name}", open_progress_fd(args.progress_fd), args.out_dir, run.epochs,
                              run.batch_size, verify_manifest(args.train_manifest)["samples"])
     try:

@@ -23,10 +23,11 @@ import torch
 import torchvision
 from pytorch_lightning.strategies import DDPStrategy
 
-from ..config import ConfigError, RunConfig, device_problem
+from ..config import ConfigError, MlperfConfig, RunConfig, device_problem
 from ..data.loader import shard_paths
 from ..data.shards import verify_manifest
 from ..machine import cpu_model
+from ..mlperf.log import MLPerfLog, platform_name
 from . import checkpoints
 from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
 from .datamodule import ShardData
@@ -57,6 +58,7 @@ class TrainSpec:
     out_dir: str
     ddp_timeout_s: int = 600
     cpus_per_task: int = 1
+    mlperf: dict[str, Any] = dataclasses.field(default_factory=dict)  # the config's mlperf section
 
     @property
     def checkpoint(self) -> Path:
@@ -122,11 +124,15 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     if accelerator == "cpu":
         torch.set_num_threads(spec.cpus_per_task)
     pl.seed_everything(run.seed, workers=False, verbose=False)
+    resuming = checkpoints.choose_resume(spec.checkpoint, say=None) is not None  # an intact one to resume from
+    mlperf_log = MLPerfLog(out_dir, run, MlperfConfig.from_dict(spec.mlperf).to_dict(),
+                           platform_name(run.world_size, device_name(accelerator)), resumed=resuming)
 
     # data: the manifests are the contract with the data stage
     train_manifest = verify_manifest(spec.train_manifest)
     val_manifest = verify_manifest(spec.val_manifest)
     spe = steps_per_epoch(train_manifest["samples"], run.batch_size)
+    mlperf_log.describe_data(train_manifest["samples"], val_manifest["samples"], spe)
     total = total_steps(run.epochs, spe)
     data = ShardData(run, shard_paths(spec.train_manifest, train_manifest), shard_paths(spec.val_manifest, val_manifest),
                      tuple(s["samples"] for s in val_manifest["shards"]), spe, total, run.per_device_batch)
@@ -147,6 +153,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         records,
         ForwardRecords(records, {"run_name": spec.name, **run.to_dict()}, out_dir),  # to the trackers, if any
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
+        mlperf_log,
         ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
                           scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch),
     ]
@@ -190,14 +197,14 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     if not trainer.is_global_zero:
         return None
     summary = write_outputs(spec, run, trainer, module, records, clock, train_manifest, accelerator,
-                            eval_schedule.stopped_at_epoch)
+                            eval_schedule.stopped_at_epoch, mlperf_log.summary())
     checkpoints.remove_resume(spec.checkpoint)  # finished: a rerun must train afresh, not resume
     return summary
 
 
 def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: ImageNetClassifier,
                   records: RunRecords, clock: TrainClock, train_manifest: dict, accelerator: str,
-                  stopped_at_epoch: int | None) -> dict[str, Any]:
+                  stopped_at_epoch: int | None, mlperf: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(spec.out_dir)
     model = {
         "format": MODEL_FORMAT,
@@ -242,6 +249,7 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
         "steady_images_per_s_per_device": steady_rate(records.epochs, trainer.world_size),
         "gradient_allreduce_dtype": allreduce_dtype(run, accelerator),
         "train_samples": train_manifest["samples"],
+        "mlperf": mlperf,
         "versions": software_versions(),
         "git_revision": git_revision(),
         "finished": True,
