@@ -41,6 +41,7 @@ def test_rcp_comparison_per_lars_run(runs):
     assert rows["b86016"]["rcp_mean_epochs"] is None and rows["b86016"]["ratio"] is None
     assert rows["b86016"]["rcp_how"] == "missing: above the largest row (67,840)"
     assert rows["b3264"]["data"] == "ImageNet-1k" and rows["sample-b64"]["data"] == "1,000 images: not comparable"
+    assert rows["sample-b64"]["rcp_mean_epochs"] is not None and rows["sample-b64"]["ratio"] is None  # not ImageNet-1k
 
 
 def test_rcp_table_cells(runs):

@@ -19,7 +19,7 @@ MLPERF_CSV_COLUMNS = ("mlperf_division", "mlperf_time_to_train_s", "mlperf_valid
 RCP_NOTE = (f"Epochs to target as samples seen / train images, beside the mean epochs to converge of MLPerf's "
             f"reference runs at the same global batch ({RCP_SOURCE}; olympic mean of each row, pruned and "
             "interpolated between rows as MLCommons' RCP checker does). The references are ResNet-50 on "
-            f"ImageNet-1k: {COMPARABLE_ONLY}. Ratio above 1: the run needed more epochs than the reference.")
+            f"ImageNet-1k: {COMPARABLE_ONLY}. Ratio above 1: the run needed more epochs than the reference (given for ImageNet-1k runs only).")
 TIME_TO_TRAIN_NOTE = ("MLPerf time to train: run_start to run_stop of the run's mllog.txt (initialisation "
                       "excluded; evaluation included), valid only for a run that reached its target in one job "
                       "segment.")
@@ -85,7 +85,9 @@ def rcp_rows(runs: list[RunResults]) -> list[dict[str, object]]:
         if run.config["optimizer"] != "lars":
             continue
         rcp, epochs = rcp_mean(run.global_batch), epochs_to_target(run)
-        ratio = None if epochs is None or rcp.mean is None else epochs / rcp.mean
+        comparable = run.summary.get("train_samples") == IMAGENET_TRAIN_IMAGES
+        # A ratio on other data would read as a result; the row still shows both figures.
+        ratio = epochs / rcp.mean if comparable and epochs is not None and rcp.mean is not None else None
         rows.append({"run": run.name, "global_batch": run.global_batch, "epochs_to_target": epochs,
                      "rcp_mean_epochs": rcp.mean, "rcp_how": rcp.how, "ratio": ratio, "data": data_label(run)})
     return rows
