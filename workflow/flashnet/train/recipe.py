@@ -24,7 +24,7 @@ import torchvision
 from pytorch_lightning.strategies import DDPStrategy
 
 from ..config import ConfigError, RunConfig
-from ..data.loader import shard_paths
+from ..data.epochs import TrainSamples, shard_paths
 from ..data.shards import verify_manifest
 from ..machine import cpu_model
 from .callbacks import PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
@@ -136,7 +136,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     val_manifest = verify_manifest(spec.val_manifest)
     spe = steps_per_epoch(train_manifest["samples"], run.batch_size)
     total = total_steps(run.epochs, spe)
-    data = ShardData(run, shard_paths(spec.train_manifest, train_manifest), shard_paths(spec.val_manifest, val_manifest),
+    data = ShardData(run, TrainSamples.from_manifest(spec.train_manifest, train_manifest), shard_paths(spec.val_manifest, val_manifest),
                      tuple(s["samples"] for s in val_manifest["shards"]), spe, total, run.per_device_batch)
 
     # model, optimizer and schedule (configure_optimizers), on the device's preferred layout
