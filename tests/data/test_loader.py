@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -384,13 +385,55 @@ def corrupt_shard(split: Split, kit, path: Path) -> tuple[str, str]:
     return str(path), items[3][0]
 
 
+def loader_error(batches) -> str:
+    """The message of the error iterating ``batches`` raises. Its workers are left as an error
+    leaves them in training: alive, held by the error's traceback until the interpreter's exit,
+    where they must end on multiprocessing's SIGTERM (``ignore_sigterm``) for the process to exit."""
+    try:
+        for _ in batches:
+            pass
+    except Exception as error:  # noqa: BLE001 - the test checks what it says
+        return f"{type(error).__name__}: {error}"
+    raise AssertionError("no error")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_corrupt_jpeg_names_its_shard_and_key(data, kit, tmp_path, workers):
     """A decode error met by the train or val loader names the shard and the sample's key (not a
     bare "Corrupt JPEG data"), also from inside a loader worker."""
     path, key = corrupt_shard(data["val"], kit, tmp_path / "corrupt-000000.tar")
     spec = train_spec(Split((path,), (6,), {}, TrainSamples.scan([path])), steps=2)  # all 6 samples
-    with pytest.raises(Exception, match=rf"{path}.*sample {key}.*Corrupt JPEG data"):
-        train_batches(spec, workers)
-    with pytest.raises(Exception, match=rf"{path}.*sample {key}.*Corrupt JPEG data"):
-        list(loader.val_loader(val_spec(Split((path,), (6,), {}), rank=0, world_size=1, workers=workers)))
+    expected = rf"{path}: sample {key}: Corrupt JPEG data"
+    assert re.search(expected, loader_error(loader.train_loader(spec, workers)))
+    val = loader.val_loader(val_spec(Split((path,), (6,), {}), rank=0, world_size=1, workers=workers))
+    assert re.search(expected, loader_error(val))
+
+
+def test_loader_workers_ignore_sigterm_from_others_but_not_from_their_parent():
+    """SLURM's SIGTERM (another sender) leaves a worker running; its parent's SIGTERM (what
+    multiprocessing sends at exit) ends it, or a process exiting on a loader error hangs."""
+    import multiprocessing
+    import subprocess
+
+    context = multiprocessing.get_context("fork")
+    requests, replies = context.Pipe()
+
+    def worker(connection):
+        loader.ignore_sigterm(0)
+        while True:
+            connection.send(connection.recv())  # echo: proves it is alive and running
+
+    process = context.Process(target=worker, args=(replies,), daemon=True)
+    process.start()
+    try:
+        requests.send("before")
+        assert requests.recv() == "before"
+        subprocess.run(["kill", "-TERM", str(process.pid)], check=True)  # sent by another process
+        requests.send("after a stranger's SIGTERM")
+        assert requests.recv() == "after a stranger's SIGTERM"
+        process.terminate()  # SIGTERM from the parent
+        process.join(timeout=60)
+        assert process.exitcode == 1
+    finally:
+        if process.is_alive():
+            process.kill()

@@ -31,6 +31,7 @@ import io
 import math
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -198,11 +199,22 @@ class TrainBatches(IterableDataset):
 
 
 def ignore_sigterm(worker_id: int) -> None:
-    """Loader workers outlive a SIGTERM (SLURM sends one to every process of a job it requeues or
-    preempts, then SIGKILL): dying on it would fail the training process with a misleading
-    "worker killed" error while its own checkpoint-and-requeue path is under way. Workers still
-    exit with their parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Loader workers outlive a SIGTERM from anyone but their parent. SLURM sends one to every
+    process of a job it requeues or preempts, then SIGKILL: dying on it would fail the training
+    process with a misleading "worker killed" error while its own checkpoint-and-requeue path is
+    under way. The parent's own SIGTERM must still end them: when the training process exits on
+    an error raised through its loader (a corrupt JPEG), multiprocessing terminates and then joins
+    the workers the error's traceback still holds, and a worker ignoring that would hang the job.
+    A thread of the worker takes the signal and looks at its sender."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here inherit it
+
+    def sort_sigterms():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(1)
+
+    threading.Thread(target=sort_sigterms, name="sigterm-from-parent", daemon=True).start()
 
 
 def train_loader(spec: TrainStreamSpec, workers: int, pin_memory: bool = False) -> DataLoader:
