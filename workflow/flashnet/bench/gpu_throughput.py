@@ -198,7 +198,7 @@ def make_sample_shards(manifest: Path, images: int, smoke: bool) -> Path:
 
 
 def manifest_shards(manifest: Path) -> tuple[str, ...]:
-    from ..data.loader import shard_paths
+    from ..data.epochs import shard_paths
     from ..data.shards import verify_manifest
 
     return shard_paths(manifest, verify_manifest(manifest))

@@ -8,8 +8,9 @@ Both pipelines read the same JPEGs and produce the same thing, a uint8 batch of 
 crops (area 8–100 %, aspect 3/4–4/3) at ``--size``, flipped half the time:
 
   flashnet shards     flashnet.data.loader.train_loader from WebDataset shards written by
-                      flashnet.data.shards (simplejpeg decode, crop, antialiased bilinear resize on
-                      uint8 channels_last, flip); uint8 NHWC. (Its DCT-scaled decodes need crops of
+                      flashnet.data.shards (real epochs: each sample read by its byte range;
+                      simplejpeg decode, crop, antialiased bilinear resize on uint8 channels_last,
+                      flip); uint8 NHWC. (Its DCT-scaled decodes need crops of
                       4x the output size, so at 224 from these images they never happen.)
   torchvision folder  ImageFolder (PIL decode + convert("RGB")) with transforms.v2
                       RandomResizedCrop + RandomHorizontalFlip + ToImage, DataLoader(num_workers=0)

@@ -32,7 +32,6 @@ import math
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset, get_worker_info
 
-from .epochs import TrainSamples, batch_samples, shard_paths, worker_batches
+from .epochs import TrainSamples, batch_samples, worker_batches
 from .tarfiles import ShardError, shard_samples, tar_samples
 from .transforms import center_crop_box, decode_crop, random_resized_crop_box
 
@@ -67,7 +66,7 @@ def _prepared(sample: dict, prepare):
         raise SampleError(f"{sample['__url__']}: sample {sample['__key__']}: {error}") from error
 
 
-# --------------------------------------------------------------------------- train plan
+# --------------------------------------------------------------------------- train
 
 
 @dataclasses.dataclass(frozen=True)
