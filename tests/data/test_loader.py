@@ -1,17 +1,18 @@
-"""Tests of flashnet.data.loader: batch counts, resume determinism and exact-once val against the
-real shard format.
+"""Tests of flashnet.data.loader: real epochs (every train sample once per epoch but the < B tail),
+batch counts, resume determinism and exact-once val against the real shard format.
 
 The shards are made once per module by the project's own steps (sample data → index → write
 shards → manifest) from small generated images, so the loader reads exactly what training reads.
 Samples are recognised in the output by content: a val sample's centre crop is a deterministic
-function of its JPEG, so matching output images to the crops computed per sample shows which
-samples came out, and how often.
+function of its JPEG, and the train loader's device-decode path hands out the JPEG bytes
+themselves, so matching them to the samples' shows which samples came out, and how often.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 import webdataset as wds
 
 from flashnet.data import loader, sample, shards, sources, tarfiles
+from flashnet.data.epochs import TrainSamples, shard_paths
 
 pytestmark = [
     # Three loader workers on this two-core machine are the point of some tests.
@@ -39,7 +41,7 @@ class Split:
     shards: tuple[str, ...]
     shard_samples: tuple[int, ...]
     samples: dict[str, tuple[bytes, int]]  # key → (jpeg, label), read back with tarfile
-
+    train_samples: TrainSamples | None = None  # from the manifest
 
 def build_split(data_dir: Path, out: Path, split: str, samples_per_shard: int) -> Split:
     """Index, shard and verify one split as the workflow's rules do."""
@@ -53,21 +55,25 @@ def build_split(data_dir: Path, out: Path, split: str, samples_per_shard: int) -
     shards.write_part(index_path, 0, 1, part, max_side=None, quality=90)
     manifest_path = folder / "manifest.json"
     manifest = shards.build_manifest(index_path, [part], manifest_path, max_rejected=0)
-    paths = loader.shard_paths(manifest_path, manifest)
+    paths = shard_paths(manifest_path, manifest)
     samples = {key: (fields["jpg"], int(fields["cls"])) for path in paths
                for key, fields in shards.read_shard_samples(Path(path))}
-    return Split(paths, tuple(s["samples"] for s in manifest["shards"]), samples)
+    return Split(paths, tuple(s["samples"] for s in manifest["shards"]), samples,
+                 TrainSamples.from_manifest(manifest_path, manifest))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Split]:
-    """24 train samples in shards of 5 (5,5,5,5,4); 21 val samples in shards of 4 (4,4,4,4,4,1),
-    so some ranks and workers get more samples than others, and some none."""
+    """24 train samples in shards of 5 (5,5,5,5,4), and the same in one shard and in 24; 21 val
+    samples in shards of 4 (4,4,4,4,4,1), so some ranks and workers get more samples than others,
+    and some none."""
     root = tmp_path_factory.mktemp("loader")
     spec = sample.SampleSpec(classes=3, train_per_class=8, val_per_class=7, min_side=40, max_side=90,
                              odd_files=False, seed=0)
     sample.write_sample_data(root / "images", spec, layouts=("extracted",))
     return {"train": build_split(root / "images", root / "shards", "train", 5),
+            "train-1-shard": build_split(root / "images", root / "one-shard", "train", 24),
+            "train-24-shards": build_split(root / "images", root / "24-shards", "train", 1),
             "val": build_split(root / "images", root / "shards", "val", 4)}
 
 
@@ -78,12 +84,10 @@ def mean_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- train
 
 
-def train_spec(split: Split, workers: int = 0, **changes) -> loader.TrainStreamSpec:
-    spec = loader.TrainStreamSpec(
-        shards=split.shards, seed=0, epoch=0, rank=0, steps=STEPS, batch_size=BATCH, image_size=IMAGE_SIZE,
-        crop_scale=(0.25, 1.0), shuffle_buffer=6, workers=max(workers, 1),
-    )
-    return dataclasses.replace(spec, **changes)
+def train_spec(split: Split, **changes) -> loader.TrainStreamSpec:
+    settings = dict(samples=split.train_samples, seed=0, epoch=0, rank=0, world_size=1, steps=STEPS, batch_size=BATCH,
+                    image_size=IMAGE_SIZE, crop_scale=(0.25, 1.0))
+    return loader.TrainStreamSpec(**{**settings, **changes})
 
 
 def train_batches(spec: loader.TrainStreamSpec, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -101,13 +105,73 @@ def assert_same_batches(actual: list, expected: list) -> None:
 def test_every_rank_yields_steps_full_batches(data, workers):
     known_labels = {label for _, label in data["train"].samples.values()}
     for rank in (0, 1):
-        spec = train_spec(data["train"], workers, rank=rank)
+        spec = train_spec(data["train"], rank=rank, world_size=2, steps=4)
         batches = train_batches(spec, workers)
-        assert len(batches) == STEPS == len(loader.TrainBatches(spec))
+        assert len(batches) == 4 == len(loader.TrainBatches(spec))
         for images, labels in batches:
             assert images.shape == (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == torch.uint8
             assert labels.shape == (BATCH,) and labels.dtype == torch.long
             assert set(labels.tolist()) <= known_labels
+
+
+def rank_keys(split: Split, spec: loader.TrainStreamSpec, workers: int, resume_at: int | None = None) -> list[str]:
+    """The keys of one rank's samples, batch by batch (JPEG bytes from the device-decode path
+    matched to the samples'); with ``resume_at``, the batches before it from an uninterrupted
+    epoch and the rest from a loader resumed there."""
+    by_jpeg = {jpeg: key for key, (jpeg, _) in split.samples.items()}
+    spec = dataclasses.replace(spec, decode_on_device=True)
+    batches = train_batches(spec, workers)
+    if resume_at is not None:
+        resumed = train_batches(dataclasses.replace(spec, start_batch=resume_at), workers)
+        assert len(resumed) == spec.steps - resume_at
+        batches = batches[:resume_at] + resumed
+    keys = []
+    for batch in batches:
+        assert len(batch["jpegs"]) == spec.batch_size
+        batch_keys = [by_jpeg[jpeg.numpy().tobytes()] for jpeg in batch["jpegs"]]
+        assert batch["labels"].tolist() == [split.samples[key][1] for key in batch_keys]
+        keys += batch_keys
+    return keys
+
+
+@pytest.mark.parametrize("split_name, world_size, workers, batch_size", [
+    ("train", 1, 0, 3),             # B = 3: 8 steps, no tail
+    ("train", 2, 2, 5),             # B = 10: 2 steps, tail of 4
+    ("train-1-shard", 3, 3, 2),     # fewer shards than ranks: B = 6, 4 steps
+    ("train-1-shard", 5, 2, 1),     # B = 5: 4 steps, tail of 4
+    ("train-24-shards", 4, 1, 5),   # a shard per sample: B = 20, 1 step, tail of 4
+])
+def test_every_epoch_reads_every_sample_once_but_a_tail_under_one_global_batch(data, split_name, world_size, workers,
+                                                                             batch_size):
+    """Over all ranks and workers, each epoch reads each sample at most once, and all but
+    N mod B of them; every rank yields the same number of full batches; the same holds across a
+    resume mid-epoch; the next epoch is another order with another tail."""
+    split = data[split_name]
+    n, global_batch = len(split.samples), world_size * batch_size
+    steps = n // global_batch
+    tails = []
+    for epoch in (0, 1):
+        seen: list[str] = []
+        for rank in range(world_size):
+            spec = train_spec(split, epoch=epoch, rank=rank, world_size=world_size, steps=steps, batch_size=batch_size)
+            keys = rank_keys(split, spec, workers, resume_at=steps // 2 if epoch == 0 else None)
+            assert len(keys) == steps * batch_size, f"rank {rank}: {len(keys)} samples"
+            seen += keys
+        assert len(seen) == len(set(seen)) == steps * global_batch, "a sample read twice in one epoch"
+        tails.append(set(split.samples) - set(seen))
+        assert len(tails[-1]) == n % global_batch
+    if n % global_batch:
+        assert tails[0] != tails[1], "the same samples sat out both epochs"
+
+
+def test_the_epoch_order_changes_with_epoch_and_seed(data):
+    split = data["train"]
+    spec = train_spec(split, steps=8)  # all 24 samples
+    base = rank_keys(split, spec, 0)
+    assert sorted(base) == sorted(split.samples) == sorted(rank_keys(split, dataclasses.replace(spec, epoch=1), 0))
+    assert rank_keys(split, dataclasses.replace(spec, epoch=1), 0) != base
+    assert rank_keys(split, dataclasses.replace(spec, seed=1), 0) != base
+    assert rank_keys(split, spec, 0) == base
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -115,10 +179,10 @@ def test_resume_yields_the_tail_of_the_epoch(data, workers):
     """Batches from start_batch=k equal batches k.. of the whole epoch, for k inside a round of
     workers, on its boundary (k = W) and just after; ``__len__`` stays the whole epoch (Lightning
     counts the batches already done itself)."""
-    full = train_batches(train_spec(data["train"], workers), workers)
+    full = train_batches(train_spec(data["train"]), workers)
     streams = max(workers, 1)
     for k in sorted({1, streams, streams + 1, STEPS - 1}):
-        spec = train_spec(data["train"], workers, start_batch=k)
+        spec = train_spec(data["train"], start_batch=k)
         assert len(loader.TrainBatches(spec)) == STEPS
         assert_same_batches(train_batches(spec, workers), full[k:])
 
@@ -132,48 +196,39 @@ def test_resume_skips_the_consumed_samples_without_decoding_them(data, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loader, "decode_crop", counting)
-    train_batches(train_spec(data["train"], 0, start_batch=STEPS - 2), 0)
+    train_batches(train_spec(data["train"], start_batch=STEPS - 2), 0)
     assert len(decoded) == 2 * BATCH  # only the two batches trained after the resume
 
 
-def test_zero_and_one_worker_give_the_same_batches(data):
-    assert_same_batches(train_batches(train_spec(data["train"], 1), 1), train_batches(train_spec(data["train"], 0), 0))
+def test_the_batches_do_not_depend_on_the_number_of_workers(data):
+    base = train_batches(train_spec(data["train"]), 0)
+    for workers in (1, 2, 3):
+        assert_same_batches(train_batches(train_spec(data["train"]), workers), base)
 
 
 def test_direct_iteration_matches_the_loader_workers(data):
-    """Outside DataLoader workers, TrainBatches interleaves its streams as the workers would."""
+    """Outside DataLoader workers, TrainBatches makes the batches the workers would."""
     for start in (0, 2):
-        spec = train_spec(data["train"], 3, start_batch=start)
+        spec = train_spec(data["train"], start_batch=start)
         assert_same_batches(list(loader.TrainBatches(spec)), train_batches(spec, 3))
 
 
 def test_batches_are_a_function_of_seed_epoch_and_rank(data):
-    base = train_batches(train_spec(data["train"]), 0)
-    assert_same_batches(train_batches(train_spec(data["train"]), 0), base)
+    spec = train_spec(data["train"], world_size=2, steps=4)
+    base = train_batches(spec, 0)
+    assert_same_batches(train_batches(spec, 0), base)
     for change in ({"epoch": 1}, {"rank": 1}, {"seed": 1}):
-        other = train_batches(train_spec(data["train"], **change), 0)
+        other = train_batches(dataclasses.replace(spec, **change), 0)
         differing = sum(not torch.equal(a[0], b[0]) for a, b in zip(other, base))
-        assert differing == STEPS, f"{change}: only {differing} of {STEPS} batches differ"
+        assert differing == 4, f"{change}: only {differing} of 4 batches differ"
 
 
-def test_a_stream_resamples_all_shards_by_its_seed(data):
-    """A stream draws shards with replacement, endlessly: every sample turns up, the sequence is a
-    function of (seed, epoch, rank, stream), and labels are the samples' own."""
-    split = data["train"]
-
-    def keys(spec, stream, n=300):
-        samples = loader._stream_samples(spec, stream)
-        drawn = [next(samples) for _ in range(n)]
-        assert all(int(s["cls"]) == split.samples[s["__key__"]][1] for s in drawn)
-        assert [s["__index__"] for s in drawn] == list(range(n))  # the position seeds the crop
-        return [s["__key__"] for s in drawn]
-
-    spec = train_spec(split, 2)
-    first = keys(spec, 0)
-    assert set(first) == set(split.samples)
-    assert keys(spec, 0) == first
-    assert keys(spec, 1) != first
-    assert keys(dataclasses.replace(spec, epoch=1), 0) != first
+def test_a_plan_past_the_end_of_the_samples_is_refused(data):
+    train_spec(data["train"], steps=8)  # 8 × 3 = all 24
+    with pytest.raises(ValueError, match="9 steps of 1 × 3 samples exceed the 24 train samples"):
+        train_spec(data["train"], steps=9)
+    with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
+        train_spec(data["train"], rank=2, world_size=2, steps=1)
 
 
 # --------------------------------------------------------------------------- val
@@ -274,9 +329,9 @@ def test_only_jpg_and_cls_are_read(data, tmp_path):
             writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode(), "pyd": trap})
     assert [sorted(s) for s in tarfiles.shard_samples(str(path))] == [["__key__", "cls", "jpg"]] * 8
 
-    trapped = Split((str(path),), (8,), {})
+    trapped = Split((str(path),), (8,), {}, TrainSamples.scan([str(path)]))
     for workers in (0, 2):
-        assert len(train_batches(train_spec(trapped, workers, steps=3), workers)) == 3
+        assert len(train_batches(train_spec(trapped, steps=2), workers)) == 2
         val = list(loader.val_loader(val_spec(trapped, rank=0, world_size=1, workers=workers)))
         assert sum(int(valid.sum()) for _, _, valid in val) == 8
     assert not marker.exists(), "the loader unpickled a field it should never have read"
@@ -290,8 +345,8 @@ def test_device_decode_path_matches_the_cpu_path(data):
     only pick crops gives the CPU path's batches: same shapes and labels, close pixels."""
     cpu = torch.device("cpu")
     for workers in (0, 2):
-        plain = train_batches(train_spec(data["train"], workers), workers)
-        encoded = train_batches(train_spec(data["train"], workers, decode_on_device=True), workers)
+        plain = train_batches(train_spec(data["train"]), workers)
+        encoded = train_batches(train_spec(data["train"], decode_on_device=True), workers)
         assert len(encoded) == len(plain) == STEPS
         for batch, (images, labels) in zip(encoded, plain):
             assert set(batch) == {"jpegs", "boxes", "flips", "labels"}
@@ -331,3 +386,69 @@ def test_train_batches_without_augmentation_are_the_val_transform(data):
     assert len(seen) == STEPS * BATCH and set(seen) <= expected
     augmented = train_batches(train_spec(data["train"]), 0)
     assert not {(i.numpy().tobytes(), int(l)) for images, labels in augmented for i, l in zip(images, labels)} <= expected
+# --------------------------------------------------------------------------- decode errors
+
+
+def corrupt_shard(split: Split, kit, path: Path) -> tuple[str, str]:
+    """A shard of 6 samples whose 4th JPEG has garbage in its entropy-coded data; returns (shard,
+    damaged sample's key)."""
+    items = sorted(split.samples.items())[:6]
+    shard = tarfiles.ShardFile(path)
+    for i, (key, (jpeg, label)) in enumerate(items):
+        shard.add(key, {"jpg": kit.corrupt_jpeg(jpeg) if i == 3 else jpeg, "cls": str(label).encode()})
+    shard.finish()
+    return str(path), items[3][0]
+
+
+def loader_error(batches) -> str:
+    """The message of the error iterating ``batches`` raises. Its workers are left as an error
+    leaves them in training: alive, held by the error's traceback until the interpreter's exit,
+    where they must end on multiprocessing's SIGTERM (``ignore_sigterm``) for the process to exit."""
+    try:
+        for _ in batches:
+            pass
+    except Exception as error:  # noqa: BLE001 - the test checks what it says
+        return f"{type(error).__name__}: {error}"
+    raise AssertionError("no error")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_jpeg_names_its_shard_and_key(data, kit, tmp_path, workers):
+    """A decode error met by the train or val loader names the shard and the sample's key (not a
+    bare "Corrupt JPEG data"), also from inside a loader worker."""
+    path, key = corrupt_shard(data["val"], kit, tmp_path / "corrupt-000000.tar")
+    spec = train_spec(Split((path,), (6,), {}, TrainSamples.scan([path])), steps=2)  # all 6 samples
+    expected = rf"{path}: sample {key}: Corrupt JPEG data"
+    assert re.search(expected, loader_error(loader.train_loader(spec, workers)))
+    val = loader.val_loader(val_spec(Split((path,), (6,), {}), rank=0, world_size=1, workers=workers))
+    assert re.search(expected, loader_error(val))
+
+
+def test_loader_workers_ignore_sigterm_from_others_but_not_from_their_parent():
+    """SLURM's SIGTERM (another sender) leaves a worker running; its parent's SIGTERM (what
+    multiprocessing sends at exit) ends it, or a process exiting on a loader error hangs."""
+    import multiprocessing
+    import subprocess
+
+    context = multiprocessing.get_context("fork")
+    requests, replies = context.Pipe()
+
+    def worker(connection):
+        loader.ignore_sigterm(0)
+        while True:
+            connection.send(connection.recv())  # echo: proves it is alive and running
+
+    process = context.Process(target=worker, args=(replies,), daemon=True)
+    process.start()
+    try:
+        requests.send("before")
+        assert requests.recv() == "before"
+        subprocess.run(["kill", "-TERM", str(process.pid)], check=True)  # sent by another process
+        requests.send("after a stranger's SIGTERM")
+        assert requests.recv() == "after a stranger's SIGTERM"
+        process.terminate()  # SIGTERM from the parent
+        process.join(timeout=60)
+        assert process.exitcode == 1
+    finally:
+        if process.is_alive():
+            process.kill()

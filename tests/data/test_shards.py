@@ -23,7 +23,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from flashnet.data import shards, sources
+from flashnet.data import shards, sources, tarfiles
 from flashnet.data.sources import DataError
 
 LAYOUTS = ("official", "extracted", "kaggle")
@@ -362,6 +362,50 @@ def shard_copy(official_results, tmp_path):
     dest = tmp_path / "train"
     shutil.copytree(official_results.shard_dir("train"), dest)
     return dest
+
+
+def test_manifest_records_each_samples_byte_range(official_results):
+    """sample-ranges.npy: one [start, end) per sample in shard order; each range read from its
+    shard holds that sample (keys and bytes as tarfile reads them)."""
+    for split in sources.SPLITS:
+        path = official_results.manifest_path(split)
+        manifest = shards.verify_manifest(path, full=True)
+        ranges = shards.load_sample_ranges(path, manifest)
+        assert ranges.shape == (manifest["samples"], 2)
+        assert manifest["sample_ranges"]["name"] == "sample-ranges.npy"
+        position = 0
+        for shard, shard_path in zip(manifest["shards"], official_results.shard_paths(split)):
+            data = shard_path.read_bytes()
+            for (key, fields), (start, end) in zip(shards.read_shard_samples(shard_path),
+                                                   ranges[position:position + shard["samples"]], strict=True):
+                [sample] = tarfiles.tar_samples(io.BytesIO(data[start:end]), str(shard_path))
+                assert (sample["__key__"], sample["jpg"], sample["cls"]) == (key, fields["jpg"], fields["cls"])
+            position += shard["samples"]
+
+
+def test_a_format_1_manifest_is_refused_with_the_command_that_rewrites_it(shard_copy):
+    path = shard_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format"] = "flashnet-manifest/1"
+    del manifest["sample_ranges"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="manifest.json: written by an older flashnet.*snakemake --forcerun manifest"):
+        shards.verify_manifest(path)
+
+
+def test_verify_manifest_catches_missing_or_changed_sample_ranges(shard_copy):
+    ranges = shard_copy / "sample-ranges.npy"
+    with open(ranges, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    shards.verify_manifest(shard_copy / "manifest.json")  # same size
+    with pytest.raises(DataError, match="sample-ranges.npy: differs from what the manifest recorded"):
+        shards.verify_manifest(shard_copy / "manifest.json", full=True)
+    ranges.unlink()
+    with pytest.raises(DataError, match="lists sample ranges 'sample-ranges.npy', which are missing"):
+        shards.verify_manifest(shard_copy / "manifest.json")
 
 
 def test_verify_manifest_catches_a_missing_shard(shard_copy):

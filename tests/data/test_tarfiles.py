@@ -72,6 +72,28 @@ def test_shard_samples_read_long_names_and_skip_folders(tmp_path, tar_format):
     ]
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_sample_byte_ranges_cut_out_each_sample_whole(tmp_path, tar_format):
+    """Each range starts at the sample's first header as tarfile finds it (extended headers
+    included) and, read and parsed alone, gives exactly that sample."""
+    keys = ["k" * 120, "n01440764_10026", "clé"]
+    path = tmp_path / "ranges.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for i, key in enumerate(keys):
+            for field, content in (("cls", str(i).encode()), ("jpg", key.encode() * (50 + 300 * i))):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    with tarfile.open(path) as tar:
+        first_headers = [m.offset for m in tar.getmembers() if m.name.endswith(".cls")]
+    ranges = tarfiles.sample_byte_ranges(str(path))
+    assert [start for start, _ in ranges] == first_headers
+    data = path.read_bytes()
+    whole = list(tarfiles.shard_samples(str(path)))
+    for (start, end), sample in zip(ranges, whole, strict=True):
+        assert list(tarfiles.tar_samples(io.BytesIO(data[start:end]), str(path))) == [sample]
+
+
 def test_shard_samples_refuse_a_sample_with_a_field_twice(tmp_path):
     path = tmp_path / "twice.tar"
     with tarfile.open(path, "w") as tar:

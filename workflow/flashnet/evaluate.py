@@ -19,7 +19,8 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import ConfigError, LauncherConfig, RunConfig
-from .data.loader import ValSpec, shard_paths, val_loader
+from .data.epochs import shard_paths
+from .data.loader import ValSpec, val_loader
 from .data.shards import sha256_file, verify_manifest
 from .data.sources import DataError
 from .data.transforms import normalize

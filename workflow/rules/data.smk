@@ -72,7 +72,9 @@ rule manifest:
         index=f"{RESULTS}/shards/{{split}}/index.json",
         parts=pipeline.part_files(config, f"{RESULTS}/shards/{{split}}/parts"),
     output:
-        f"{RESULTS}/shards/{{split}}/manifest.json",
+        manifest=f"{RESULTS}/shards/{{split}}/manifest.json",
+        # every sample's byte range in its shard, named by the manifest; the train loader reads by it
+        ranges=f"{RESULTS}/shards/{{split}}/sample-ranges.npy",
     log:
         f"{LOGS}/manifest/{{split}}.log",
     benchmark:
@@ -86,4 +88,4 @@ rule manifest:
         mem_mb=4000,
     shell:
         "flashnet manifest {input.index:q} --parts {input.parts:q} --max-rejected {params.max_rejected}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --out {output.manifest:q} > {log:q} 2>&1"

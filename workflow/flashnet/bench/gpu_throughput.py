@@ -174,8 +174,8 @@ def make_sample_shards(manifest: Path, images: int, smoke: bool) -> Path:
 
     Sides are drawn from 375..500 px and encoded at JPEG quality 95: about 190k pixels and 100 kB a
     file, close to ImageNet's train set (about 110 kB a file; mean near 470×390 px), so decoding costs
-    what it would on the real data. The loader draws shards with replacement, so a few thousand
-    images are enough to measure the decode rate."""
+    what it would on the real data. A few thousand images are enough to measure the decode rate
+    (the stream runs as many epochs over them as it needs)."""
     from ..data import shards, sources
     from ..data.sample import SampleSpec, write_sample_data
 
@@ -198,7 +198,7 @@ def make_sample_shards(manifest: Path, images: int, smoke: bool) -> Path:
 
 
 def manifest_shards(manifest: Path) -> tuple[str, ...]:
-    from ..data.loader import shard_paths
+    from ..data.epochs import shard_paths
     from ..data.shards import verify_manifest
 
     return shard_paths(manifest, verify_manifest(manifest))
@@ -224,7 +224,6 @@ def bench_run(config: BenchConfig, scale: Scale, device: torch.device, workers: 
         accelerator="gpu" if device.type == "cuda" else "cpu", precision=config.precision,
         compile=config.compile_mode is not None, loader_workers=workers,
         decode_device="cuda" if config.data == "shards-gpu" and device.type == "cuda" else "cpu",
-        shuffle_buffer=16 if scale.smoke else run["shuffle_buffer"],
     )
     return run
 
@@ -525,17 +524,22 @@ def project_module(config: BenchConfig, ctx: Context, compile_mode: str | None):
 
 
 def train_stream(ctx: Context, batches: int, decode_on_device: bool):
-    """The real train loader over the shards for one epoch of ``batches`` batches."""
-    from ..data.loader import TrainStreamSpec, train_loader
+    """The real train loader over the shards for ``batches`` batches, in as many real epochs as
+    that takes (a few thousand images hold fewer batches than a configuration times)."""
+    from ..data.epochs import TrainSamples
+    from ..data.loader import TrainStreamSpec, train_loader_over_epochs
 
     run = schema_run_defaults()
-    spec = TrainStreamSpec(
-        shards=ctx.shards, seed=0, epoch=0, rank=0, steps=batches, batch_size=ctx.scale.batch_size,
-        image_size=ctx.scale.image_size, crop_scale=tuple(run["crop_scale"]),
-        shuffle_buffer=16 if ctx.scale.smoke else run["shuffle_buffer"], workers=max(ctx.workers, 1),
+    samples = TrainSamples.scan(ctx.shards)
+    per_epoch = len(samples) // ctx.scale.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(samples)} shard samples hold no batch of {ctx.scale.batch_size}")
+    specs = [TrainStreamSpec(
+        samples=samples, seed=0, epoch=epoch, rank=0, world_size=1, steps=min(per_epoch, batches - epoch * per_epoch),
+        batch_size=ctx.scale.batch_size, image_size=ctx.scale.image_size, crop_scale=tuple(run["crop_scale"]),
         decode_on_device=decode_on_device,
-    )
-    return train_loader(spec, ctx.workers, pin_memory=ctx.device.type == "cuda")
+    ) for epoch in range(-(-batches // per_epoch))]
+    return train_loader_over_epochs(specs, ctx.workers, pin_memory=ctx.device.type == "cuda")
 
 
 def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

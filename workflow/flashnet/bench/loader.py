@@ -8,8 +8,9 @@ Both pipelines read the same JPEGs and produce the same thing, a uint8 batch of 
 crops (area 8–100 %, aspect 3/4–4/3) at ``--size``, flipped half the time:
 
   flashnet shards     flashnet.data.loader.train_loader from WebDataset shards written by
-                      flashnet.data.shards (simplejpeg decode, crop, antialiased bilinear resize on
-                      uint8 channels_last, flip); uint8 NHWC. (Its DCT-scaled decodes need crops of
+                      flashnet.data.shards (real epochs: each sample read by its byte range;
+                      simplejpeg decode, crop, antialiased bilinear resize on uint8 channels_last,
+                      flip); uint8 NHWC. (Its DCT-scaled decodes need crops of
                       4x the output size, so at 224 from these images they never happen.)
   torchvision folder  ImageFolder (PIL decode + convert("RGB")) with transforms.v2
                       RandomResizedCrop + RandomHorizontalFlip + ToImage, DataLoader(num_workers=0)
@@ -61,6 +62,7 @@ from torchvision.transforms import v2
 
 from flashnet.bench import import_data_module_copy, write_report
 from flashnet.data import loader, sample, shards, sources
+from flashnet.data.epochs import TrainSamples
 from flashnet.machine import cpu_model
 
 SAMPLES_PER_SHARD = 100
@@ -100,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @dataclasses.dataclass(frozen=True)
 class BenchData:
     folder: Path  # ImageFolder root: <wnid>/<key>.JPEG
-    shards: tuple[str, ...]
+    samples: TrainSamples  # the shards and their samples' byte ranges
     jpegs: list[bytes]  # every image's bytes, for the decode-only rates
 
 
@@ -118,7 +120,8 @@ def prepare_data(args: argparse.Namespace, workdir: Path) -> BenchData:
     spec = sample_spec(args)
     data_dir, shard_dir = workdir / "images", workdir / "shards"
     stamp = workdir / "settings.json"
-    settings = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    # The manifest format too: a workdir from before sample byte ranges is rebuilt.
+    settings = json.dumps({**dataclasses.asdict(spec), "manifest": shards.MANIFEST_FORMAT}, sort_keys=True)
     manifest_path = shard_dir / "manifest.json"
     if not (stamp.exists() and stamp.read_text() == settings and manifest_path.exists()):
         stamp.unlink(missing_ok=True)
@@ -132,10 +135,10 @@ def prepare_data(args: argparse.Namespace, workdir: Path) -> BenchData:
         shards.write_part(index_path, 0, 1, part, max_side=None, quality=spec.quality)
         shards.build_manifest(index_path, [part], manifest_path, max_rejected=0)
         stamp.write_text(settings)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = shards.verify_manifest(manifest_path)
     folder = data_dir / "train"
     jpegs = [path.read_bytes() for path in sorted(folder.glob("*/*.JPEG"))]
-    return BenchData(folder, loader.shard_paths(manifest_path, manifest), jpegs)
+    return BenchData(folder, TrainSamples.from_manifest(manifest_path, manifest), jpegs)
 
 
 def describe_images(jpegs: list[bytes]) -> dict:
@@ -153,12 +156,16 @@ def describe_images(jpegs: list[bytes]) -> dict:
 
 def flashnet_batches(module: ModuleType, data: BenchData, args: argparse.Namespace, epoch: int) -> Iterable:
     """The project's train pipeline (``module`` is flashnet.data.loader, or another version of
-    it), in the main process (one stream), a fresh epoch each pass."""
+    it), in the main process, a fresh epoch each pass. Loaders from before real epochs (commit
+    4406922 and older) take shard paths and a shuffle buffer instead of the sample table."""
     steps = args.images // args.batch_size
-    spec = module.TrainStreamSpec(
-        shards=data.shards, seed=0, epoch=epoch, rank=0, steps=steps, batch_size=args.batch_size,
-        image_size=args.size, crop_scale=CROP_SCALE, shuffle_buffer=min(500, args.images), workers=1,
-    )
+    common = dict(seed=0, epoch=epoch, rank=0, steps=steps, batch_size=args.batch_size, image_size=args.size,
+                  crop_scale=CROP_SCALE)
+    if "samples" in {field.name for field in dataclasses.fields(module.TrainStreamSpec)}:
+        spec = module.TrainStreamSpec(samples=data.samples, world_size=1, **common)
+    else:
+        spec = module.TrainStreamSpec(shards=data.samples.shards, shuffle_buffer=min(500, args.images), workers=1,
+                                      **common)
     return module.train_loader(spec, workers=0)
 
 

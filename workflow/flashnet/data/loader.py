@@ -1,11 +1,15 @@
-"""WebDataset pipelines from the shards to uint8 batches.
+"""Train and val loaders from the shards to uint8 batches.
 
-Train: every batch is a pure function of (seed, epoch, rank, batch index), so a resumed run sees
-exactly the batches an uninterrupted one would, and every rank yields exactly ``steps_per_epoch``
-batches (DDP hangs otherwise). Batch ``b`` comes from stream ``b mod W`` (W loader workers): a
-stream is an endless seeded draw of shards with replacement (resampling), read through a seeded
-shuffle buffer. A resume at batch ``k`` skips the consumed samples of each stream without decoding
-them. Each sample is augmented with a generator seeded by its position in its stream.
+Train: real epochs, planned by :mod:`.epochs` (every sample once per epoch but a < B tail, in a
+fresh seeded order; equal batches on every rank; every batch a pure function of (seed, epoch,
+world, rank, batch index), whatever the number of loader workers). Batch ``b`` of those still to
+come is made by worker ``(b - start_batch) mod W``, the order DataLoader collects them in; a
+resume at batch ``k`` starts there, reading nothing before it. A sample is one ``pread`` of its
+byte range (from the manifest step's ``sample-ranges.npy``), parsed by the tar reader of
+:mod:`.tarfiles`, which reads only ``jpg`` and ``cls`` (nothing from a shard is unpickled).
+Within a batch the samples are read in (shard, offset) order and put back in batch order; each
+worker keeps its most recently used shards open. Each sample is augmented with a generator seeded
+by (seed, epoch, sample).
 
 Val: shards are dealt round-robin to ranks, then to workers, so every sample is read exactly once
 across all ranks; ranks with fewer batches get batches of masked padding, because evaluation
@@ -15,21 +19,19 @@ Images are decoded on CPU workers (libjpeg-turbo through simplejpeg; at 1/2, 1/4
 the crop still covers twice the output size there), cropped and resized with antialiased bilinear
 interpolation on uint8, and flipped; batches are uint8 NHWC. Normalisation happens on the device.
 With ``decode_device: cuda`` the workers only pick the crops and the JPEGs are decoded by nvJPEG.
-
-The shards are read by the tar reader of :mod:`.tarfiles` (a stage in the WebDataset pipelines)
-instead of ``wds.tarfile_to_samples``, at a fifth of its CPU time; only the ``jpg`` and ``cls``
-fields are read, so nothing from a shard is ever unpickled. The image operations live in
-:mod:`.transforms`.
+A JPEG that fails to decode raises :class:`SampleError`, naming its shard and key. The image
+operations live in :mod:`.transforms`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import itertools
+import io
 import math
-import random
+import os
 import signal
-from pathlib import Path
+import threading
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -37,20 +39,31 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import ChainDataset, DataLoader, IterableDataset, get_worker_info
 
-from .tarfiles import shard_samples
+from .epochs import TrainSamples, batch_samples, worker_batches
+from .tarfiles import ShardError, shard_samples, tar_samples
 from .transforms import center_crop_box, decode_crop, random_resized_crop_box
 
 
-# --------------------------------------------------------------------------- shard reading
+class SampleError(ValueError):
+    """A sample that cannot be turned into a training or validation input; names shard and key."""
 
 
 def _tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
-    """Pipeline stage: ``{"url": shard path}`` → its samples (what ``wds.tarfile_to_samples`` does
-    for local files, at a fifth of the CPU time)."""
+    """Pipeline stage: ``{"url": shard path}`` → its samples, each told where it came from."""
     for source in sources:
-        yield from shard_samples(source["url"])
+        for sample in shard_samples(source["url"]):
+            sample["__url__"] = source["url"]
+            yield sample
+
+
+def _prepared(sample: dict, prepare):
+    """``prepare(jpeg, label)`` of a sample; a JPEG that does not decode names its shard and key."""
+    try:
+        return prepare(sample["jpg"], int(sample["cls"]))
+    except (ValueError, KeyError) as error:
+        raise SampleError(f"{sample['__url__']}: sample {sample['__key__']}: {error}") from error
 
 
 # --------------------------------------------------------------------------- train
@@ -60,59 +73,89 @@ def _tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
 class TrainStreamSpec:
     """Everything that determines the train batches of one rank in one epoch."""
 
-    shards: tuple[str, ...]
+    samples: TrainSamples
     seed: int
     epoch: int
     rank: int
-    steps: int  # batches per epoch (every rank)
+    world_size: int
+    steps: int  # batches in this epoch, on every rank: steps_per_epoch, or fewer in a fractional last epoch
     batch_size: int  # per device
     image_size: int
     crop_scale: tuple[float, float]
-    shuffle_buffer: int
-    workers: int  # streams (max(loader workers, 1)): batch b comes from stream b % workers
     start_batch: int = 0  # resume: batches of this epoch already trained
     decode_on_device: bool = False
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     center_crop_resize: int | None = None  # set: the val transform (resize, centre crop, no flip) instead
 
-
-def _resampled_shards(shards: tuple[str, ...], rng: random.Random) -> Iterator[dict]:
-    while True:
-        yield {"url": shards[rng.randrange(len(shards))]}
-
-
-def _numbered(samples):
-    for i, sample in enumerate(samples):
-        sample["__index__"] = i
-        yield sample
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
+        if self.steps * self.world_size * self.batch_size > len(self.samples):
+            raise ValueError(f"{self.steps} steps of {self.world_size} × {self.batch_size} samples exceed the "
+                             f"{len(self.samples)} train samples")
 
 
-def _stream_samples(spec: TrainStreamSpec, stream: int) -> Iterator[dict]:
-    """The endless, seeded sample sequence of one stream, before decoding."""
-    rng = random.Random(f"{spec.seed}/{spec.epoch}/{spec.rank}/{stream}")
-    pipeline = wds.DataPipeline(
-        lambda: _resampled_shards(spec.shards, rng),
-        _tar_samples,
-        wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng),
-        _numbered,
-    )
-    return iter(pipeline)
+# --------------------------------------------------------------------------- train reading
 
 
-def _augment(spec: TrainStreamSpec, stream: int, sample: dict):
-    """One sample's crop and flip, drawn from a generator seeded by its place in its stream."""
-    rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, stream, sample["__index__"]])
-    jpeg = sample["jpg"]
-    height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-    if spec.center_crop_resize is None:
-        box = random_resized_crop_box(width, height, spec.crop_scale, rng, spec.crop_ratio)
-        flip = bool(rng.random() < 0.5)
-    else:
-        box, flip = center_crop_box(width, height, spec.center_crop_resize, spec.image_size), False
-    label = int(sample["cls"])
-    if spec.decode_on_device:
-        return jpeg, box, flip, label
-    return decode_crop(jpeg, box, spec.image_size, flip), label
+class ShardReader:
+    """Reads samples by byte range, keeping the most recently used shards open."""
+
+    def __init__(self, samples: TrainSamples, open_files: int = 64):
+        self.samples, self.open_files = samples, open_files
+        self._files: collections.OrderedDict[int, int] = collections.OrderedDict()
+
+    def _fd(self, shard: int) -> int:
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        if len(self._files) >= self.open_files:
+            os.close(self._files.popitem(last=False)[1])
+        self._files[shard] = fd = os.open(self.samples.shards[shard], os.O_RDONLY)
+        return fd
+
+    def read(self, numbers: np.ndarray) -> list[dict]:
+        """The samples ``numbers`` (``{"__key__", "__url__", "jpg", "cls", "__sample__"}``), read
+        in shard and offset order, returned in the order asked."""
+        shards = self.samples.shard_of(numbers)
+        ranges = self.samples.ranges[numbers]
+        out: list[dict] = [{}] * len(numbers)
+        for i in np.lexsort((ranges[:, 0], shards)):
+            out[i] = self._read_one(int(numbers[i]), int(shards[i]), int(ranges[i, 0]), int(ranges[i, 1]))
+        return out
+
+    def _read_one(self, number: int, shard: int, start: int, end: int) -> dict:
+        path = self.samples.shards[shard]
+        data = os.pread(self._fd(shard), end - start, start)
+        if len(data) != end - start:
+            raise ShardError(f"{path}: cut short at byte {start + len(data)} (the sample ranges say {end})")
+        samples = list(tar_samples(io.BytesIO(data), path))
+        if len(samples) != 1 or not {"jpg", "cls"} <= samples[0].keys():
+            raise ShardError(f"{path}: bytes {start}..{end} are not one sample with jpg and cls "
+                             "(shards changed since their manifest step?)")
+        return {**samples[0], "__url__": path, "__sample__": number}
+
+    def close(self) -> None:
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+
+def _augment(spec: TrainStreamSpec, sample: dict):
+    """One sample's crop and flip, from a generator seeded by (seed, epoch, sample)."""
+    rng = np.random.default_rng([spec.seed, spec.epoch, sample["__sample__"]])
+
+    def prepare(jpeg: bytes, label: int):
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+        if spec.center_crop_resize is None:
+            box = random_resized_crop_box(width, height, spec.crop_scale, rng, spec.crop_ratio)
+            flip = bool(rng.random() < 0.5)
+        else:  # the val transform (no_augment_from_epoch)
+            box, flip = center_crop_box(width, height, spec.center_crop_resize, spec.image_size), False
+        if spec.decode_on_device:
+            return jpeg, box, flip, label
+        return decode_crop(jpeg, box, spec.image_size, flip), label
+
+    return _prepared(sample, prepare)
 
 
 def collate_decoded(items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,37 +174,20 @@ def collate_encoded(items) -> dict:
     }
 
 
-def stream_batches(spec: TrainStreamSpec, stream: int) -> Iterator:
-    """The batches of ``stream`` from ``spec.start_batch`` to the end of the epoch."""
-    owned = len(range(stream, spec.steps, spec.workers))
-    consumed = len(range(stream, spec.start_batch, spec.workers))
-    samples = _stream_samples(spec, stream)
-    for _ in range(consumed * spec.batch_size):  # skipped without decoding
-        next(samples)
+def make_batches(spec: TrainStreamSpec, batches: Iterable[int]) -> Iterator:
+    """This rank's batches ``batches``, read and augmented."""
     collate = collate_encoded if spec.decode_on_device else collate_decoded
-    for _ in range(owned - consumed):
-        yield collate([_augment(spec, stream, next(samples)) for _ in range(spec.batch_size)])
-
-
-def _round_robin(iterators: list[Iterator]) -> Iterator:
-    """One item from each iterator in turn, dropping those that end (DataLoader's worker order)."""
-    while iterators:
-        active = []
-        for iterator in iterators:
-            for item in itertools.islice(iterator, 1):
-                yield item
-                active.append(iterator)
-        iterators = active
+    reader = ShardReader(spec.samples)
+    try:
+        for batch in batches:
+            yield collate([_augment(spec, sample) for sample in reader.read(batch_samples(spec, batch))])
+    finally:
+        reader.close()
 
 
 class TrainBatches(IterableDataset):
-    """The batches of one rank for one epoch (from ``start_batch`` on, when resuming).
-
-    DataLoader hands out batches round-robin from worker 0; batch ``start_batch + i`` must come
-    from stream ``(start_batch + i) mod W``, so worker ``w`` serves stream ``(start_batch + w) mod W``.
-    Iterated outside a DataLoader worker, it interleaves all W streams the same way itself, so the
-    batches do not depend on where they are made.
-    """
+    """The batches of one rank for one epoch (from ``start_batch`` on, when resuming), made by
+    DataLoader workers in turn; iterated outside a worker, it makes them all in order itself."""
 
     def __init__(self, spec: TrainStreamSpec):
         self.spec = spec
@@ -172,29 +198,43 @@ class TrainBatches(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        if info is None:  # num_workers=0 (one stream), or iterated directly
-            streams = [(self.spec.start_batch + w) % self.spec.workers for w in range(self.spec.workers)]
-            yield from _round_robin([stream_batches(self.spec, stream) for stream in streams])
-            return
-        if info.num_workers != self.spec.workers:
-            raise RuntimeError(f"train batches planned for {self.spec.workers} streams run in {info.num_workers} workers")
-        yield from stream_batches(self.spec, (self.spec.start_batch + info.id) % info.num_workers)
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        yield from make_batches(self.spec, worker_batches(self.spec, worker, workers))
 
 
 def ignore_sigterm(worker_id: int) -> None:
-    """Loader workers outlive a SIGTERM (SLURM sends one to every process of a job it requeues or
-    preempts, then SIGKILL): dying on it would fail the training process with a misleading
-    "worker killed" error while its own checkpoint-and-requeue path is under way. Workers still
-    exit with their parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Loader workers outlive a SIGTERM from anyone but their parent. SLURM sends one to every
+    process of a job it requeues or preempts, then SIGKILL: dying on it would fail the training
+    process with a misleading "worker killed" error while its own checkpoint-and-requeue path is
+    under way. The parent's own SIGTERM must still end them: when the training process exits on
+    an error raised through its loader (a corrupt JPEG), multiprocessing terminates and then joins
+    the workers the error's traceback still holds, and a worker ignoring that would hang the job.
+    A thread of the worker takes the signal and looks at its sender."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here inherit it
+
+    def sort_sigterms():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(1)
+
+    threading.Thread(target=sort_sigterms, name="sigterm-from-parent", daemon=True).start()
 
 
 def train_loader(spec: TrainStreamSpec, workers: int, pin_memory: bool = False) -> DataLoader:
-    """``workers`` loader processes; the batches are the same with 0 or 1 (one stream either way)."""
-    if spec.workers != max(workers, 1):
-        raise ValueError(f"spec plans {spec.workers} streams for {workers} workers")
+    """``workers`` loader processes (0: in this process); the batches are the same for any number."""
+    return _batch_loader(TrainBatches(spec), workers, pin_memory)
+
+
+def train_loader_over_epochs(specs: Iterable[TrainStreamSpec], workers: int, pin_memory: bool = False) -> DataLoader:
+    """Several epochs' batches one after the other through the same workers (for benchmarks that
+    time more batches than one epoch of their data holds)."""
+    return _batch_loader(ChainDataset([TrainBatches(spec) for spec in specs]), workers, pin_memory)
+
+
+def _batch_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
-        TrainBatches(spec),
+        dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
@@ -234,13 +274,14 @@ def val_assignment(shard_samples: tuple[int, ...], world_size: int, workers: int
 
 
 def _val_sample(spec: ValSpec, sample: dict):
-    jpeg = sample["jpg"]
-    height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-    box = center_crop_box(width, height, spec.resize, spec.image_size)
-    label = int(sample["cls"])
-    if spec.decode_on_device:
-        return jpeg, box, False, label
-    return decode_crop(jpeg, box, spec.image_size), label
+    def prepare(jpeg: bytes, label: int):
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+        box = center_crop_box(width, height, spec.resize, spec.image_size)
+        if spec.decode_on_device:
+            return jpeg, box, False, label
+        return decode_crop(jpeg, box, spec.image_size), label
+
+    return _prepared(sample, prepare)
 
 
 def _with_valid(batch, valid: bool):
@@ -325,9 +366,3 @@ def decode_on_device(batch: dict, size: int, device: torch.device) -> tuple[torc
         resized = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
         out[i] = resized.flip(1) if flip else resized
     return out, batch["labels"].to(device, non_blocking=True)
-
-
-def shard_paths(manifest_path: str | Path, manifest: dict) -> tuple[str, ...]:
-    """Absolute shard paths from a verified manifest (plain file names in its folder)."""
-    folder = Path(manifest_path).resolve().parent
-    return tuple(str(folder / shard["name"]) for shard in manifest["shards"])

@@ -12,6 +12,12 @@ shards against the manifest's sha256 before a job uses them is :mod:`.checksums`
 
 Samples: ``__key__`` = the source file's stem, ``jpg`` = its bytes (or an RGB JPEG re-encoding,
 listed under ``converted``), ``cls`` = the label as decimal text.
+
+Beside the manifest, ``sample-ranges.npy`` holds every sample's byte range in its shard (int64
+[start, end), in shard order), so the train loader reads any sample by one positioned read; with
+~1,000 samples per shard, a rank's few hundred samples of an epoch come from hundreds of shards
+(see :mod:`.loader`). The manifest names it with its size and sha256 (format 2; a format-1
+manifest has no ranges and is refused with the command that rewrites it).
 """
 
 from __future__ import annotations
@@ -33,14 +39,16 @@ from ..progress import progress
 from . import checksums
 from .images import CHECKS, Rejected, prepare_image
 from .sources import DataError, SplitIndex
-from .tarfiles import ShardFile
+from .tarfiles import ShardFile, sample_byte_ranges
 
 INDEX_FORMAT = "flashnet-index/1"
 # Part of every journal record's settings: raise it when prepare_image converts differently, so a
 # rerun after an upgrade rewrites shards instead of keeping ones the old code converted.
 # 2: wide greyscale modes scaled, not clipped; JPEGs over PIL's pixel limit shrunk to max_side.
 CONVERSION_VERSION = 2
-MANIFEST_FORMAT = "flashnet-manifest/1"
+# 2: every train sample's byte range in SAMPLE_RANGES beside the manifest (real epochs read by range).
+MANIFEST_FORMAT = "flashnet-manifest/2"
+SAMPLE_RANGES = "sample-ranges.npy"
 
 
 # --------------------------------------------------------------------------- index
@@ -333,8 +341,10 @@ def build_manifest(index_path: str | Path, part_paths: list[str | Path], out: st
     if missing:
         raise DataError(f"{shard_dir}: no conversion job wrote {', '.join(missing[:5])}")
 
+    ranges = []
     for shard, name in enumerate(progress(names, total=len(names), desc=f"verify {plan.split}", unit="shard")):
         _verify_shard(plan, shard, shard_dir / name, records[name])
+        ranges.append(_shard_ranges(shard_dir / name, records[name]["samples"]))
 
     shards = [{k: records[n][k] for k in ("name", "samples", "bytes", "sha256")} for n in names]
     converted = [item for n in names for item in records[n]["converted"]]
@@ -360,6 +370,7 @@ def build_manifest(index_path: str | Path, part_paths: list[str | Path], out: st
         "samples_per_shard": plan.samples_per_shard,
         "seed": plan.seed,
         "resized": sum(records[n]["resized"] for n in names),
+        "sample_ranges": _write_ranges(Path(out).parent / SAMPLE_RANGES, ranges),
         "shards": shards,
         "converted": converted,
         "rejected": rejected,
@@ -387,6 +398,28 @@ def _verify_shard(plan: ShardPlan, shard: int, path: Path, record: dict[str, Any
             raise DataError(f"{path}: sample {key} has fields {sorted(fields)} or a label other than {label}")
 
 
+def _shard_ranges(path: Path, samples: int) -> np.ndarray:
+    ranges = np.array(sample_byte_ranges(str(path)), dtype=np.int64).reshape(-1, 2)
+    if len(ranges) != samples:
+        raise DataError(f"{path}: {len(ranges)} sample byte ranges for {samples} samples")
+    return ranges
+
+
+def _write_ranges(path: Path, ranges: list[np.ndarray]) -> dict[str, Any]:
+    """Write the samples' byte ranges (before the manifest that names them) and describe them."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate(ranges) if ranges else np.zeros((0, 2), np.int64))
+    os.replace(tmp, path)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def load_sample_ranges(manifest_path: str | Path, manifest: dict[str, Any]) -> np.ndarray:
+    """The (samples, 2) byte ranges of a verified manifest, memory-mapped: a rank touches only the
+    pages of the samples it reads."""
+    return np.load(Path(manifest_path).parent / manifest["sample_ranges"]["name"], mmap_mode="r")
+
+
 def load_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -395,6 +428,9 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error})") from None
+    if manifest.get("format") == "flashnet-manifest/1":
+        raise DataError(f"{path}: written by an older flashnet, without the samples' byte ranges the train "
+                        "loader reads by; rewrite it: snakemake --forcerun manifest")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{path}: not a flashnet manifest (format {manifest.get('format')!r})")
     return manifest
@@ -420,6 +456,7 @@ def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
         total += shard["samples"]
     if total != manifest["samples"]:
         raise DataError(f"{path}: shards hold {total} samples, the manifest says {manifest['samples']}")
+    _verify_ranges_file(path, manifest["sample_ranges"], full)
     if manifest["samples"] + len(manifest["rejected"]) != manifest["found"]:
         raise DataError(f"{path}: samples + rejected != found")
     if manifest["expected"] is not None and manifest["found"] != manifest["expected"]:
@@ -427,6 +464,14 @@ def verify_manifest(path: str | Path, full: bool = False) -> dict[str, Any]:
     if full:
         checksums.verify_checksums(path, manifest)
     return manifest
+
+
+def _verify_ranges_file(manifest_path: Path, record: dict[str, Any], full: bool) -> None:
+    ranges = manifest_path.parent / record["name"]
+    if Path(record["name"]).name != record["name"] or not ranges.exists():
+        raise DataError(f"{manifest_path}: lists sample ranges {record['name']!r}, which are missing")
+    if ranges.stat().st_size != record["bytes"] or (full and sha256_file(ranges) != record["sha256"]):
+        raise DataError(f"{ranges}: differs from what the manifest recorded (rerun the manifest step)")
 
 
 # --------------------------------------------------------------------------- helpers

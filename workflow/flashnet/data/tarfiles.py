@@ -160,23 +160,53 @@ def shard_samples(path: str) -> Iterator[dict]:
     """The samples of one shard, in order: ``{"__key__", "jpg", "cls"}``. Files are grouped into
     samples as WebDataset does (key = the name up to the first dot of its last part, field = the
     rest, lower-cased); fields other than ``jpg`` and ``cls`` are never read."""
-    sample = None
     with open(path, "rb") as f:
-        for name, size in tar_members(f, path):
-            folder, slash, base = name.rpartition("/")
-            stem, dot, field = base.partition(".")
-            if not dot:
-                continue
-            key, field = folder + slash + stem, field.lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            if field in sample:
-                raise ShardError(f"{path}: sample {key} has two {field!r} files")
-            if field in READ_FIELDS:
-                sample[field] = f.read(size)
-                if len(sample[field]) != size:
-                    raise ShardError(f"{path}: {name} is cut short ({len(sample[field])} of {size} bytes)")
+        yield from tar_samples(f, path)
+
+
+def tar_samples(f: BinaryIO, path: str) -> Iterator[dict]:
+    """:func:`shard_samples` of an open tar, or of the bytes of a run of whole samples cut out of
+    one (``io.BytesIO``; byte positions in errors are then counted from the cut)."""
+    sample = None
+    for name, size in tar_members(f, path):
+        folder, slash, base = name.rpartition("/")
+        stem, dot, field = base.partition(".")
+        if not dot:
+            continue
+        key, field = folder + slash + stem, field.lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key}
+        if field in sample:
+            raise ShardError(f"{path}: sample {key} has two {field!r} files")
+        if field in READ_FIELDS:
+            sample[field] = f.read(size)
+            if len(sample[field]) != size:
+                raise ShardError(f"{path}: {name} is cut short ({len(sample[field])} of {size} bytes)")
     if sample is not None:
         yield sample
+
+
+def sample_byte_ranges(path: str) -> list[tuple[int, int]]:
+    """[start, end) of each sample of a shard: from its first member's header to the end of its
+    last member's padded data, so that reading that range and :func:`tar_samples` on it gives the
+    sample. Walks the headers only (what a shard written elsewhere needs; flashnet's manifest
+    step records these ranges for its own shards)."""
+    ranges: list[tuple[int, int]] = []
+    key = None
+    with open(path, "rb") as f:
+        start = 0
+        for name, size in tar_members(f, path):
+            folder, slash, base = name.rpartition("/")
+            stem, dot, _ = base.partition(".")
+            end = f.tell() + size + (-size % TAR_BLOCK)
+            if not dot:
+                start = end
+                continue
+            if folder + slash + stem != key:
+                key = folder + slash + stem
+                ranges.append((start, end))
+            ranges[-1] = (ranges[-1][0], end)
+            start = end
+    return ranges

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 from ..config import RunConfig
+from ..data.epochs import TrainSamples
 from ..data.loader import TrainStreamSpec, ValSpec, train_loader, val_loader
 
 
@@ -19,11 +20,11 @@ def epoch_position(global_step: int, epoch: int, steps_per_epoch: int, total_ste
 
 
 class ShardData(pl.LightningDataModule):
-    def __init__(self, run: RunConfig, train_shards: tuple[str, ...], val_shards: tuple[str, ...],
+    def __init__(self, run: RunConfig, train_samples: TrainSamples, val_shards: tuple[str, ...],
                  val_shard_samples: tuple[int, ...], steps_per_epoch: int, total_steps: int, val_batch_size: int):
         super().__init__()
         self.run = run
-        self.train_shards, self.val_shards, self.val_shard_samples = train_shards, val_shards, val_shard_samples
+        self.train_samples, self.val_shards, self.val_shard_samples = train_samples, val_shards, val_shard_samples
         self.steps_per_epoch, self.total_steps, self.val_batch_size = steps_per_epoch, total_steps, val_batch_size
 
     @property
@@ -35,18 +36,17 @@ class ShardData(pl.LightningDataModule):
         steps, done = epoch_position(trainer.global_step, trainer.current_epoch, self.steps_per_epoch, self.total_steps)
         run = self.run
         spec = TrainStreamSpec(
-            shards=self.train_shards,
+            samples=self.train_samples,
             seed=run.seed,
             epoch=trainer.current_epoch,
             rank=trainer.global_rank,
+            world_size=trainer.world_size,
             steps=steps,
             batch_size=run.per_device_batch,
             image_size=run.image_size,
             crop_scale=run.crop_scale,
             crop_ratio=run.crop_ratio,
             center_crop_resize=None if run.augments(trainer.current_epoch) else run.eval_resize,
-            shuffle_buffer=run.shuffle_buffer,
-            workers=max(run.loader_workers, 1),
             start_batch=done,
             decode_on_device=run.decode_device == "cuda",
         )

@@ -24,7 +24,7 @@ import torchvision
 from pytorch_lightning.strategies import DDPStrategy
 
 from ..config import ConfigError, MlperfConfig, RunConfig, device_problem
-from ..data.loader import shard_paths
+from ..data.epochs import TrainSamples, shard_paths
 from ..data.shards import verify_manifest
 from ..machine import cpu_model
 from ..mlperf.log import MLPerfLog, platform_name
@@ -134,7 +134,8 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     spe = steps_per_epoch(train_manifest["samples"], run.batch_size)
     mlperf_log.describe_data(train_manifest["samples"], val_manifest["samples"], spe)
     total = total_steps(run.epochs, spe)
-    data = ShardData(run, shard_paths(spec.train_manifest, train_manifest), shard_paths(spec.val_manifest, val_manifest),
+    train_samples = TrainSamples.from_manifest(spec.train_manifest, train_manifest)
+    data = ShardData(run, train_samples, shard_paths(spec.val_manifest, val_manifest),
                      tuple(s["samples"] for s in val_manifest["shards"]), spe, total, run.per_device_batch)
 
     # model, optimizer and schedule (configure_optimizers), on the device's preferred layout
