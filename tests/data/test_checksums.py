@@ -24,7 +24,8 @@ def hashed(monkeypatch):
     real = shards.sha256_file
 
     def counting(path):
-        names.append(path.name)
+        if path.suffix == ".tar":  # the manifest's small sample-ranges file is hashed on each full check
+            names.append(path.name)
         return real(path)
 
     monkeypatch.setattr(shards, "sha256_file", counting)
