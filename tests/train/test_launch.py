@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashnet.config import ConfigError, LauncherConfig, RunConfig
 from flashnet.data.sources import DataError
@@ -36,6 +37,13 @@ def test_checks_before_submitting(tiny_dataset, tmp_path):
         launch.check_before_submitting(too_big, launcher, tiny_dataset.train_manifest, tiny_dataset.val_manifest)
     with pytest.raises(DataError, match="manifest missing"):
         launch.check_before_submitting(good, launcher, tmp_path / "manifest.json", tiny_dataset.val_manifest)
+    if not torch.cuda.is_available():  # a local job runs on this machine: what it cannot do is refused now
+        gpu = RunConfig.from_dict(tiny_dataset.run(accelerator="gpu"))
+        with pytest.raises(ConfigError, match="accelerator: gpu, but this node has no CUDA device"):
+            launch.check_before_submitting(gpu, launcher, tiny_dataset.train_manifest, tiny_dataset.val_manifest)
+        fp16 = RunConfig.from_dict(tiny_dataset.run(accelerator="auto", precision="16-mixed"))
+        with pytest.raises(ConfigError, match="precision: 16-mixed needs a GPU"):
+            launch.check_before_submitting(fp16, launcher, tiny_dataset.train_manifest, tiny_dataset.val_manifest)
 
 
 def test_a_manifest_that_does_not_verify_stops_submission(tiny_dataset, tmp_path):

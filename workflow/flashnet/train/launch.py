@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from ..config import ConfigError, LauncherConfig, MlperfConfig, RunConfig
@@ -40,7 +39,7 @@ from ..runfolder import short_reason
 from ..watch import ProgressLines, Snapshot, open_progress_fd
 from . import checkpoints
 from .callbacks import Preempted, StopRequest
-from .recipe import TrainSpec, steps_per_epoch, train
+from .recipe import TrainSpec, resolve_accelerator, steps_per_epoch, train
 from .trackers import TRACKER_KEYS, require_packages
 
 
@@ -131,11 +130,8 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
     """Everything that can be known wrong before a job is queued."""
     if launcher.cluster == "local" and run.nodes > 1:
         raise ConfigError(f"nodes: {run.nodes}, but launcher.cluster is local (one machine); use the slurm profile")
-    if launcher.cluster == "local":
-        if run.accelerator == "gpu" and not torch.cuda.is_available():
-            raise ConfigError("accelerator: gpu, but this machine has no CUDA device")
-        if run.precision == "16-mixed" and not torch.cuda.is_available():
-            raise ConfigError("precision: 16-mixed needs a GPU, and this machine has none")
+    if launcher.cluster == "local":  # the job runs here: what the node would refuse, refused now
+        resolve_accelerator(run)
     train_m, val_m = verify_manifest(train_manifest, full=True), verify_manifest(val_manifest, full=True)
     if train_m["wnids"] != val_m["wnids"]:
         raise ConfigError(f"{train_manifest} and {val_manifest} list different classes")
