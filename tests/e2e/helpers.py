@@ -61,7 +61,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+            raise TimeoutError(f"waited {timeout:.0f} s for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

@@ -219,10 +219,14 @@ def test_training_survives_usr2_and_requeue(slurm_run, slurm_cluster, slurm_env,
     assert different_tensors(model_weights(workflow.run_dir), model_weights(slurm_run.run_dir)) == []
 
 
+LAST_STATUS: list[str] = [""]  # what `flashnet status` last printed, for a failure's message
+
+
 def flashnet_status(workflow: Workflow, slurm_cluster) -> dict[str, str]:
     """`flashnet status` for the workflow's configuration, beside the cluster (sacct answers): {run: row}."""
     proc = slurm_cluster.run([str(VENV_BIN / "flashnet"), "status", "--directory", str(workflow.workdir),
                               "--configfile", str(workflow.workdir / "overlay.yaml")], cwd=REPO)
+    LAST_STATUS[0] = f"exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
     return {line.split()[0]: line for line in proc.stdout.splitlines()[2:] if line.strip()}
 
 
@@ -240,19 +244,28 @@ def test_status_and_terminal_lines_follow_a_queued_running_and_requeued_job(slur
     assert status_row(workflow, slurm_cluster, "not started")
     blocker = slurm_cluster.sbatch("--nodes=2", "--job-name=blocker", f"--output={tmp_path}/blocker-%j.out",
                                    "--wrap", "sleep 600")
+    # The blocker holds both nodes before the training job is queued, or the training job may start first.
+    wait_for(lambda: slurm_cluster.job_state(blocker) == "RUNNING", 60, "the blocker job to hold the nodes")
     proc = workflow.start(*PROFILE, *FAST, TRAINED)
     log = tmp_path / "wf" / "snakemake.log"
     try:
         job_id = wait_for(lambda: train_job_id(workflow), 180, "the training job")
-        queued = wait_for(lambda: status_row(workflow, slurm_cluster, "queued"), 120, "status: queued")
+        queued = wait_for(lambda: status_row(workflow, slurm_cluster, "queued"), 120,
+                          lambda: f"status: queued; it printed: {LAST_STATUS[0]}")
         assert f"{job_id} (slurm)" in queued and "requeued" not in queued, queued
         slurm_cluster.run(["scancel", blocker])
-        running = wait_for(lambda: status_row(workflow, slurm_cluster, "running") if latest_step(workflow) >= 3
-                           else None, 300, "status: running, past step 3")
+        # Past the first periodic checkpoint (SIGTERM from `scontrol requeue` checkpoints nothing), so the
+        # requeued job resumes from it.
+        checkpoint = workflow.workdir / "results" / "runs" / RUN / "checkpoints" / "last.ckpt"
+        first_checkpoint = CONFIG["runs"][RUN]["checkpoint_every_steps"]
+        running = wait_for(lambda: status_row(workflow, slurm_cluster, "running")
+                           if latest_step(workflow) > first_checkpoint and checkpoint.exists() else None, 300,
+                           lambda: f"status: running, past step {first_checkpoint}; it printed: {LAST_STATUS[0]}")
         nodes = allocations(slurm_cluster, job_id)[-1]["NodeList"]
         assert nodes in running and "requeued" not in running, running
         slurm_cluster.run(["scontrol", "requeue", job_id])
-        wait_for(lambda: status_row(workflow, slurm_cluster, "requeued ×1"), 120, "status: requeued ×1")
+        wait_for(lambda: status_row(workflow, slurm_cluster, "requeued ×1"), 120,
+                 lambda: f"status: requeued ×1; it printed: {LAST_STATUS[0]}")
         assert proc.wait(timeout=900) == 0, describe(None, log)
     finally:
         stop(proc)
