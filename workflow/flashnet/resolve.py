@@ -16,12 +16,13 @@ from pathlib import Path
 
 
 from . import config as cfg
+from .data.sources import IMAGENET_COUNTS
 from .mlperf import mllog
 from .mlperf.rules import closed_division_breaks
 from .train.schedule import WarmupPolySchedule, schedule_for_run, steps_per_epoch, total_steps
 
 WORKFLOW_ROOT = cfg.WORKFLOW_ROOT
-IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_TRAIN_IMAGES = IMAGENET_COUNTS["train"]  # 1,281,167
 
 
 def resolve_run(name: str, configfiles: list[Path], root: Path = WORKFLOW_ROOT) -> tuple[cfg.RunConfig, str]:

@@ -75,11 +75,12 @@ import torch.nn as nn
 import torchvision
 
 from flashnet.bench import write_report
+from flashnet.data.sources import IMAGENET_COUNTS
 from flashnet.bench.measure import (FLOP_PER_MAC, TRAIN_PASSES, RegionTimer, Timing, achieved_tflops,
                                     count_host_syncs, describe_machine, forward_gmacs, images_per_second,
                                     measure_matmul, synchronize, time_steps, training_flops_per_image)
 
-IMAGENET_TRAIN_IMAGES = 1_281_167  # steps per epoch for the schedule: as a real ImageNet run
+IMAGENET_TRAIN_IMAGES = IMAGENET_COUNTS["train"]  # steps per epoch for the schedule: as a real ImageNet run
 IMAGENET_CLASSES = 1000
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 

@@ -124,7 +124,10 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     if accelerator == "cpu":
         torch.set_num_threads(spec.cpus_per_task)
     pl.seed_everything(run.seed, workers=False, verbose=False)
-    resuming = checkpoints.choose_resume(spec.checkpoint, say=None) is not None  # an intact one to resume from
+    # The newest intact resume checkpoint, read (and CRC-checked) once; rank 0 reports what it skipped.
+    skipped: list[str] = []
+    resume = checkpoints.choose_resume(spec.checkpoint, say=skipped.append)
+    resuming = resume is not None
     mlperf_log = MLPerfLog(out_dir, run, MlperfConfig.from_dict(spec.mlperf).to_dict(),
                            platform_name(run.world_size, device_name(accelerator)), resumed=resuming)
 
@@ -189,9 +192,11 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         log_every_n_steps=run.log_every_steps,
         default_root_dir=out_dir,
     )
-    resume = checkpoints.choose_resume(spec.checkpoint, say=print if trainer.is_global_zero else None)
-    if resume and trainer.is_global_zero:
-        print(f"resuming from {resume}", flush=True)
+    if trainer.is_global_zero:
+        for note in skipped:
+            print(note, flush=True)
+        if resume:
+            print(f"resuming from {resume}", flush=True)
     # Resume checkpoints hold tensors and plain values only, so nothing in them is unpickled as code.
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
 
