@@ -31,7 +31,6 @@ def test_steps_and_eta():
     assert runfolder.total_steps(8, 64, None) is None
     assert runfolder.eta_s(30, 120, 60.0) == 180.0
     assert runfolder.eta_s(0, 120, 0.0) is None
-    assert runfolder.format_duration(None) == "?"
 
 
 def test_short_reason_names_the_exception_that_ended_the_job():

@@ -100,9 +100,9 @@ def test_slurm_job_running_with_progress_and_eta(tmp_path):
     s = status_of(tmp_path, "r", SACCT_RUNNING)
     assert (s.state, s.nodes) == ("running", "flashnet-n[1-2]")
     assert (s.epoch, s.step, s.top1, s.images_per_s) == ("2/8", "30/120", "55.0 %", "40")
-    assert s.time_used == "1m00s"  # steps.csv's last row: step 30 at 60 s
-    assert s.eta == "3m00s"  # 90 steps left at 2 s a step
-    assert s.to_target == "1m00s"  # epoch 2 reached 0.5
+    assert s.time_used == "60 s"  # steps.csv's last row: step 30 at 60 s
+    assert s.eta == "3 min 00 s"  # 90 steps left at 2 s a step
+    assert s.to_target == "60 s"  # epoch 2 reached 0.5
 
 
 def test_slurm_job_requeued_twice(tmp_path):
@@ -160,7 +160,7 @@ def test_finished_and_evaluated(tmp_path):
     make_run(tmp_path, "r", epochs=8, job=("local", "4242"), finished=True, evaluated=True, top1s=(0.1,) * 7 + (0.6,))
     s = status_of(tmp_path, "r")
     assert (s.state, s.epoch, s.step, s.top1, s.to_target) == ("finished, evaluated", "8/8", "120/120", "60.0 %",
-                                                              "4m00s")
+                                                              "4 min 00 s")
     make_run(tmp_path, "low", epochs=8, finished=True, top1s=(0.1,) * 8)
     assert status_of(tmp_path, "low").to_target == "not reached"
 

@@ -42,13 +42,13 @@ def test_a_slurm_job_from_queue_to_requeue(tmp_path, capsys):
         f"[train r] submitted slurm job 42; log {tmp_path / 'r.log'}, job logs in {tmp_path / 'jobs'}",
         "[train r] queued, waiting for its nodes",
         "[train r] running on n[1-2]",
-        "[train r] epoch 1/4, loss 1.5000, top-1 20.0 %, 48 img/s, 20s trained, ETA 1m00s",
+        "[train r] epoch 1/4, loss 1.5000, top-1 20.0 %, 48 img/s, 20 s trained, ETA 60 s",
         "[train r] stopped at step 15 (signal SIGUSR2); checkpoint c; the job is requeued",
         "[train r] requeued (run 2 of the job); back in the queue",
         "[train r] running on n1",
         "[train r] resumed from /r/checkpoints/last.ckpt",
-        "[train r] epoch 2/4, loss 0.7500, top-1 40.0 %, 48 img/s, 40s trained, ETA 40s",
-        "[train r] epoch 3/4, loss 0.5000, top-1 60.0 %, 48 img/s, 1m00s trained, ETA 20s",
+        "[train r] epoch 2/4, loss 0.7500, top-1 40.0 %, 48 img/s, 40 s trained, ETA 40 s",
+        "[train r] epoch 3/4, loss 0.5000, top-1 60.0 %, 48 img/s, 60 s trained, ETA 20 s",
     ]
     assert capsys.readouterr().out.splitlines() == lines(terminal)  # the log gets every line too
 

@@ -32,10 +32,14 @@ def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
-def test_format_duration_refuses_non_durations(bad):
+def test_format_duration_refuses_negative_durations():
     with pytest.raises(ValueError):
-        format_duration(bad)
+        format_duration(-1.0)
+
+
+@pytest.mark.parametrize("unknown", [None, float("nan"), float("inf")])
+def test_format_duration_says_unknown(unknown):
+    assert format_duration(unknown) == "?"
 
 
 @pytest.mark.parametrize("seconds, epochs, text", [

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+
 EPOCH_NUMBERS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
 
 
@@ -90,11 +91,3 @@ def short_reason(message: str) -> str:
         return first
     exceptions = EXCEPTION.findall(rest)
     return f"{first} {exceptions[-1].strip()}" if exceptions else first.rstrip(":")
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    from .progress import format_duration as duration
-
-    return duration(seconds)

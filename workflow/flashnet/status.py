@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 
 from . import config as cfg
-from .runfolder import (epoch_rows, eta_s, format_duration, last_step_row, read_json, short_reason, time_to_target,
+from .progress import format_duration
+from .runfolder import (epoch_rows, eta_s, last_step_row, read_json, short_reason, time_to_target,
                         total_steps)
 
 # The workflow this package belongs to (workflow/flashnet/ in it): its schema and presets.

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .runfolder import epoch_rows, eta_s, format_duration, total_steps
+from .progress import format_duration
+from .runfolder import epoch_rows, eta_s, total_steps
 
 # The job's plain progress line (train/callbacks.py PlainProgress) and its resume/requeue notes.
 STEP_LINE = re.compile(r"^epoch \d+/\d+ step \d+/\d+ .*$", re.M)

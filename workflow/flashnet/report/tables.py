@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..progress import format_duration  # noqa: F401  (the one duration format; tables re-export it)
+
 NOT_REACHED = "not reached"
 
 
@@ -33,23 +35,6 @@ class Table:
     def column(self, header: str) -> list[str]:
         i = self.headers.index(header)
         return [row[i] for row in self.rows]
-
-
-def format_duration(seconds: float) -> str:
-    """A duration as people read it: ``"10.96 s"``, ``"74.7 s"``, ``"3 min 44 s"``, ``"1 h 05 min"``.
-
-    Under two minutes: seconds with up to two decimals (published records are quoted that way);
-    under an hour: whole minutes and seconds; beyond: hours and minutes (``"1 h"`` when exact).
-    """
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"not a duration: {seconds!r}")
-    if seconds < 120:
-        return f"{seconds:.2f}".rstrip("0").rstrip(".") + " s"
-    if seconds < 3600:
-        minutes, rest = divmod(round(seconds), 60)
-        return f"{minutes} min {rest:02d} s"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours} h" if minutes == 0 else f"{hours} h {minutes:02d} min"
 
 
 def format_time_to_target(seconds: float | None, epochs: float | None = None) -> str:

@@ -213,7 +213,7 @@ class EvalSchedule(pl.Callback):
 
 
 class PlainProgress(pl.Callback):
-    """``epoch 3/16 step 120/256 loss 1.234 lr 0.512 1234 img/s ETA 1m20s`` every few steps, for
+    """``epoch 3/16 step 120/256 loss 1.234 lr 0.512 1234 img/s ETA 1 min 20 s`` every few steps, for
     job logs (a terminal gets Lightning's live bar instead)."""
 
     def __init__(self, clock: TrainClock, total_steps: int, steps_per_epoch: int, epochs: float, global_batch: int,
