@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import sys
 from pathlib import Path
 
-from .config import ConfigError, loads_json_arg
+from .config import ConfigError
 from .data.sources import DataError
 
 # Errors that are the user's input, not a bug: shown as one line, without a traceback.
@@ -100,10 +101,14 @@ def _bench(args) -> int:
 
 
 def _json_object(text: str) -> dict:
+    """argparse type of the options that carry a config section as JSON (argparse names the option)."""
     try:
-        return loads_json_arg(text, "argument")
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def add_progress_options(p: argparse.ArgumentParser) -> None:

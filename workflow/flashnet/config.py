@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -351,14 +350,3 @@ class _MlperfMethods:
 MlperfConfig = dataclasses.make_dataclass("MlperfConfig", schema_fields(MLPERF), bases=(_MlperfMethods,), frozen=True)
 MlperfConfig.__module__ = __name__
 MlperfConfig.__doc__ = "What each run's MLPerf log says about the submission: ``mlperf:`` of the config."
-
-
-def loads_json_arg(text: str, what: str) -> dict[str, Any]:
-    """Parse a JSON object given on the command line, naming the option on failure."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{what}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{what}: expected a JSON object")
-    return value

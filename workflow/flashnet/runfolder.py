@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
+
+from .train import schedule
 
 
 EPOCH_NUMBERS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
@@ -62,7 +63,7 @@ def total_steps(epochs: float, batch_size: int, train_samples: int | None) -> in
     """The run's optimizer steps, as the recipe counts them (whole global batches per epoch)."""
     if not train_samples or batch_size <= 0 or train_samples < batch_size:
         return None
-    return math.ceil(epochs * (train_samples // batch_size))
+    return schedule.total_steps(epochs, schedule.steps_per_epoch(train_samples, batch_size))
 
 
 def eta_s(step: float, total: int | None, wall_s: float) -> float | None:

@@ -252,7 +252,8 @@ def plot_throughput(runs: list[RunResults], path: Path) -> Path:
 
 
 def steps_per_epoch(run: RunResults) -> float:
-    return float(run.summary["steps"]) / float(run.summary["epochs"])
+    # summary.json's own count: steps ÷ epochs would be wrong for a run that stopped at its target.
+    return float(run.summary["steps_per_epoch"])
 
 
 def plot_lr_schedule(runs: list[RunResults], path: Path) -> Path:
