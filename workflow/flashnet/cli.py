@@ -90,7 +90,7 @@ BENCHMARKS = {
     "shards": "flashnet.bench.shard_write",
     "loader": "flashnet.bench.loader",
     "lars": "flashnet.bench.lars_step",
-    "gpu": "flashnet.bench.gpu_throughput",
+    "gpu": "flashnet.bench.gpu.cli",
 }
 
 
