@@ -91,7 +91,7 @@ BENCHMARKS = {
     "shards": "flashnet.bench.shard_write",
     "loader": "flashnet.bench.loader",
     "lars": "flashnet.bench.lars_step",
-    "gpu": "flashnet.bench.gpu_throughput",
+    "gpu": "flashnet.bench.gpu.cli",
 }
 
 

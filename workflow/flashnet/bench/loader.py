@@ -1,7 +1,7 @@
 """Images/s of one loader worker: flashnet's shard pipeline vs torchvision's ImageFolder (the baseline).
 
     .venv/bin/python -m flashnet.bench.loader [--images N] [--size 224] [--workdir DIR] [--repeats R]
-                                              [--also OLD_LOADER.py] [--out FILE.json]
+                                              [--also REV] [--out FILE.json]
     flashnet bench loader [same options]
 
 Both pipelines read the same JPEGs and produce the same thing, a uint8 batch of random-resized
@@ -35,20 +35,20 @@ ImageNet's bytes per pixel. Results and their discussion: docs/benchmarks/loader
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
-import functools
 import io
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import PIL
@@ -60,7 +60,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from flashnet.bench import import_data_module_copy, write_report
+from flashnet.bench import write_report
+from flashnet.bench.revision import RevisionError, RevisionWorker, exported
 from flashnet.data import loader, sample, shards, sources
 from flashnet.data.epochs import TrainSamples
 from flashnet.machine import cpu_model
@@ -84,9 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JPEG quality of the generated images (98 gives about ImageNet's bytes per pixel)")
     parser.add_argument("--dct-scales", action="store_true",
                         help="also time simplejpeg at each n/8 DCT scale (why the loader uses only 1/2, 1/4, 1/8)")
-    parser.add_argument("--also", type=Path, action="append", default=[], metavar="FILE",
-                        help="another version of flashnet/data/loader.py to time next to the current one "
-                             "(e.g. from git show); may be repeated")
+    parser.add_argument("--also", action="append", default=[], metavar="REV",
+                        help="a git revision whose loader (with the rest of its package) is timed next to the "
+                             "current one, in a process of its own (bench/revision.py); may be repeated")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.images < 1000:
@@ -154,19 +155,12 @@ def describe_images(jpegs: list[bytes]) -> dict:
 # --------------------------------------------------------------------------- pipelines
 
 
-def flashnet_batches(module: ModuleType, data: BenchData, args: argparse.Namespace, epoch: int) -> Iterable:
-    """The project's train pipeline (``module`` is flashnet.data.loader, or another version of
-    it), in the main process, a fresh epoch each pass. Loaders from before real epochs (commit
-    4406922 and older) take shard paths and a shuffle buffer instead of the sample table."""
-    steps = args.images // args.batch_size
-    common = dict(seed=0, epoch=epoch, rank=0, steps=steps, batch_size=args.batch_size, image_size=args.size,
-                  crop_scale=CROP_SCALE)
-    if "samples" in {field.name for field in dataclasses.fields(module.TrainStreamSpec)}:
-        spec = module.TrainStreamSpec(samples=data.samples, world_size=1, **common)
-    else:
-        spec = module.TrainStreamSpec(shards=data.samples.shards, shuffle_buffer=min(500, args.images), workers=1,
-                                      **common)
-    return module.train_loader(spec, workers=0)
+def flashnet_batches(data: BenchData, args: argparse.Namespace, epoch: int) -> Iterable:
+    """The project's train pipeline, in the main process, a fresh epoch each pass."""
+    spec = loader.TrainStreamSpec(samples=data.samples, world_size=1, seed=0, epoch=epoch, rank=0,
+                                  steps=args.images // args.batch_size, batch_size=args.batch_size,
+                                  image_size=args.size, crop_scale=CROP_SCALE)
+    return loader.train_loader(spec, workers=0)
 
 
 def torchvision_batches(data: BenchData, args: argparse.Namespace, epoch: int) -> Iterable:
@@ -181,14 +175,6 @@ def torchvision_batches(data: BenchData, args: argparse.Namespace, epoch: int) -
 
 
 CANDIDATE, BASELINE = "flashnet shards", "torchvision folder"
-Pipeline = Callable[[BenchData, argparse.Namespace, int], Iterable]
-
-
-def pipelines(args: argparse.Namespace) -> dict[str, Pipeline]:
-    found = {CANDIDATE: functools.partial(flashnet_batches, loader), BASELINE: torchvision_batches}
-    for path in args.also:
-        found[f"{CANDIDATE} ({path.name})"] = functools.partial(flashnet_batches, import_data_module_copy(path))
-    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +183,50 @@ class Rate:
     cpu: float  # images per second of this process's CPU time
 
 
+TimedPass = Callable[[BenchData, argparse.Namespace, int], Rate]  # one timed pass of a pipeline (its epoch)
+
+
+def check_batch(dtype: str, shape: tuple[int, ...], size: int) -> None:
+    """A batch's images are uint8 and ``size`` pixels square (NHWC from flashnet, NCHW from torchvision)."""
+    assert dtype == "torch.uint8" and size in shape[1:3] and shape[-2] == size, (dtype, shape)
+
+
 def time_pass(batches: Iterable, size: int) -> Rate:
-    """Time one pass; check every batch is uint8 with ``size``-pixel images on the way."""
+    """Time one pass; check every batch on the way."""
     count = 0
     wall, cpu = time.perf_counter(), time.process_time()
     for images, _labels in batches:
-        assert images.dtype == torch.uint8 and size in images.shape[1:3] and images.shape[-2] == size, images.shape
+        check_batch(str(images.dtype), tuple(images.shape), size)
         count += len(images)
     return Rate(count / (time.perf_counter() - wall), count / (time.process_time() - cpu))
+
+
+def in_process(make: Callable[[BenchData, argparse.Namespace, int], Iterable]) -> TimedPass:
+    return lambda data, args, epoch: time_pass(make(data, args, epoch), args.size)
+
+
+def at_revision(worker: RevisionWorker) -> TimedPass:
+    """A pass of another revision's loader, built and timed in its worker process (its wall-clock
+    and CPU time of the pass alone, as time_pass measures here)."""
+    def timed(data: BenchData, args: argparse.Namespace, epoch: int) -> Rate:
+        answer = worker.ask({"epoch": epoch})
+        for dtype, image_shape in answer["batches"]:
+            check_batch(dtype, (args.batch_size, *image_shape), args.size)
+        return Rate(answer["images"] / answer["wall_seconds"], answer["images"] / answer["cpu_seconds"])
+    return timed
+
+
+def pipelines(args: argparse.Namespace, data: BenchData, stack: contextlib.ExitStack) -> dict[str, TimedPass]:
+    """The timed passes to compare: the project's loader, torchvision's, and each ``--also`` revision's
+    in a worker process that lives as long as ``stack``."""
+    found = {CANDIDATE: in_process(flashnet_batches), BASELINE: in_process(torchvision_batches)}
+    setup = {"shards": list(data.samples.shards), "images": args.images, "batch_size": args.batch_size,
+             "size": args.size, "crop_scale": CROP_SCALE}
+    for revision in args.also:
+        worker = RevisionWorker("loader_pass.py", stack.enter_context(exported(revision)), setup)
+        stack.callback(worker.close)
+        found[f"{CANDIDATE} ({revision})"] = at_revision(worker)
+    return found
 
 
 def time_calls(function: Callable[[bytes], object], jpegs: list[bytes]) -> Rate:
@@ -215,14 +237,19 @@ def time_calls(function: Callable[[bytes], object], jpegs: list[bytes]) -> Rate:
 
 
 def time_pipelines(data: BenchData, args: argparse.Namespace) -> dict[str, list[Rate]]:
-    candidates = pipelines(args)
-    for make in candidates.values():  # warm-up: page cache, allocator, lazy imports
-        time_pass(make(data, args, 0), args.size)
+    with contextlib.ExitStack() as stack:
+        candidates = pipelines(args, data, stack)
+        return time_in_turns(candidates, data, args)
+
+
+def time_in_turns(candidates: dict[str, TimedPass], data: BenchData, args: argparse.Namespace) -> dict[str, list[Rate]]:
+    for timed_pass in candidates.values():  # warm-up: page cache, allocator, lazy imports
+        timed_pass(data, args, 0)
     samples: dict[str, list[Rate]] = {name: [] for name in candidates}
     names = list(candidates)
     for repeat in range(args.repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
-            samples[name].append(time_pass(candidates[name](data, args, repeat + 1), args.size))
+            samples[name].append(candidates[name](data, args, repeat + 1))
     return samples
 
 
@@ -338,7 +365,11 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except RevisionError as error:
+        print(f"flashnet bench loader: {error}", file=sys.stderr)
+        return 2
     print(format_table(report))
     write_report(report, args.out)
     return 0

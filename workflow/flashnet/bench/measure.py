@@ -1,5 +1,5 @@
 """What the GPU benchmark measures with: operation counts, device-synchronised timers, and the
-machine every figure is taken on (flashnet.bench.gpu_throughput's docstring says how they are used)."""
+machine every figure is taken on (flashnet.bench.gpu's docstring says how they are used)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Shard conversion throughput against GNU tar archiving the same files.
 
     .venv/bin/python -m flashnet.bench.shard_write [--images 4000] [--jobs 1 2] [--repeats 3]
-        [--workdir DIR] [--keep] [--also OLD_SHARDS_PY] [--profile] [--out results.json]
+        [--workdir DIR] [--keep] [--also REV] [--profile] [--out results.json]
     flashnet bench shards [same options]
 
 Inputs: ``--images`` JPEGs the size of ImageNet's photos (sides 300–500 px, quality 90), drawn by
@@ -24,8 +24,9 @@ shared machine falls on all of them), with 1 and 2 parallel jobs (processes):
   check only          prepare_image over the same samples, nothing written: the check's share
   write_part, no check   write_part with prepare_image replaced by a pass-through: what the writer
                       costs around the check (a diagnostic; the pipeline never skips the check)
-  --also FILE         write_part from another copy of shards.py (e.g. the version before a change,
-                      ``git show REV:workflow/flashnet/data/shards.py > before.py``)
+  --also REV          write_part of another git revision (e.g. the commit before a change), whole
+                      package, one process per job started with its imports done before the
+                      clock starts, as the forks are (bench/revision.py)
 
 The page cache is warm for all of them: every input file is read once before the first
 measurement, and the inputs (~200 MB for 4000 images) fit in memory many times over. Conversion
@@ -38,6 +39,7 @@ medians over the repeats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import ctypes
 import datetime
@@ -65,7 +67,8 @@ import PIL
 import simplejpeg
 from PIL import features
 
-from flashnet.bench import import_data_module_copy, write_report
+from flashnet.bench import write_report
+from flashnet.bench.revision import RevisionError, RevisionWorker, exported
 from flashnet.data import sample, shards, sources
 from flashnet.machine import cpu_model
 
@@ -85,8 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported")
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--keep", action="store_true", help="keep the generated images and index for a later run")
-    parser.add_argument("--also", type=Path, action="append", default=[],
-                        help="time write_part from this copy of shards.py too (repeatable)")
+    parser.add_argument("--also", action="append", default=[], metavar="REV",
+                        help="time write_part of this git revision too, in processes of its own (repeatable)")
     parser.add_argument("--no-diagnostics", action="store_true",
                         help="skip the 'check only' and 'no check' rows")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one write_part job")
@@ -193,7 +196,7 @@ def time_processes(what: str, jobs: int, job: Callable[[int], int]) -> Timing:
     return Timing(what, jobs, [r[1] for r in reports], [r[2] for r in reports], wall)
 
 
-def time_write_part(what: str, module, workdir: Path, index_path: Path, jobs: int,
+def time_write_part(what: str, workdir: Path, index_path: Path, jobs: int,
                     check: str | None = "decode") -> Timing:
     """``check`` None replaces prepare_image by a pass-through (a diagnostic)."""
     run_dir, run_index = fresh_run_dir(workdir, index_path)
@@ -201,10 +204,11 @@ def time_write_part(what: str, module, workdir: Path, index_path: Path, jobs: in
     def job(part: int) -> int:
         options = {}
         if check is None:
-            module.prepare_image = lambda data, max_side, quality, check="decode": (data, None, False)
+            # this forked child's module only: the benchmark's own stays as it is
+            shards.prepare_image = lambda data, max_side, quality, check="decode": (data, None, False)
         elif check != "decode":
             options["check"] = check
-        result = module.write_part(run_index, part, jobs, run_dir / "parts" / f"{part}.json", None, INPUT_QUALITY,
+        result = shards.write_part(run_index, part, jobs, run_dir / "parts" / f"{part}.json", None, INPUT_QUALITY,
                                    **options)
         return sum(record["samples"] for record in result["shards"])
 
@@ -212,6 +216,29 @@ def time_write_part(what: str, module, workdir: Path, index_path: Path, jobs: in
         return time_processes(what, jobs, job)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def time_write_part_at(what: str, package_root: Path, workdir: Path, index_path: Path, jobs: int) -> Timing:
+    """write_part of another revision (exported at ``package_root``): a worker process per part,
+    each with its imports done before the clock starts, all released together, as time_processes
+    releases its forks."""
+    run_dir, run_index = fresh_run_dir(workdir, index_path)
+    workers = [RevisionWorker("write_part.py", package_root, {
+        "index": str(run_index), "part": part, "parts": jobs, "journal": str(run_dir / "parts" / f"{part}.json"),
+        "quality": INPUT_QUALITY}, quiet=True) for part in range(jobs)]
+    try:
+        for worker in workers:
+            worker.answer()  # ready
+        start = time.perf_counter()
+        for worker in workers:
+            worker.send({"start": True})
+        reports = [worker.answer() for worker in workers]
+        wall = time.perf_counter() - start
+    finally:
+        for worker in workers:
+            worker.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return Timing(what, jobs, [r["seconds"] for r in reports], [r["samples"] for r in reports], wall)
 
 
 def time_check_only(plan: shards.ShardPlan, jobs: int) -> Timing:
@@ -398,12 +425,17 @@ def profile_write_part(workdir: Path, index_path: Path) -> str:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        revisions = {f"write_part ({revision})": stack.enter_context(exported(revision)) for revision in args.also}
+        return run_candidates(args, workdir, revisions)
+
+
+def run_candidates(args: argparse.Namespace, workdir: Path, revisions: dict[str, Path]) -> dict[str, Any]:
     data_dir = prepare_inputs(workdir, args.images)
     index_path = workdir / "index.json"
     index = sources.index_split(data_dir, "train")
     shards.save_index(shards.shuffled(index, 0), data_dir, args.samples_per_shard, 0, index_path)
     plan = shards.load_plan(index_path)
-    others = {f"write_part ({path.name})": import_data_module_copy(path) for path in args.also}
     env = environment(workdir)
     total_bytes = read_all(data_dir, index)
     # Warm-up, untimed: imports, code paths and the page cache of everything the writer touches.
@@ -414,16 +446,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     candidates: list[tuple[str, Callable[[int], list[Timing]]]] = [
         ("tar", lambda jobs: list(time_tar(workdir, plan, jobs))),
-        ("write_part", lambda jobs: [time_write_part("write_part", shards, workdir, index_path, jobs)]),
-        ("write_part, check header", lambda jobs: [time_write_part("write_part (check: header)", shards, workdir,
+        ("write_part", lambda jobs: [time_write_part("write_part", workdir, index_path, jobs)]),
+        ("write_part, check header", lambda jobs: [time_write_part("write_part (check: header)", workdir,
                                                                    index_path, jobs, check="header")]),
     ]
-    for what, module in others.items():
-        candidates.append((what, lambda jobs, w=what, m=module: [time_write_part(w, m, workdir, index_path, jobs)]))
+    for what, package_root in revisions.items():
+        candidates.append((what, lambda jobs, w=what, r=package_root: [time_write_part_at(w, r, workdir, index_path,
+                                                                                          jobs)]))
     if not args.no_diagnostics:
         candidates += [
             ("check only", lambda jobs: [time_check_only(plan, jobs)]),
-            ("no check", lambda jobs: [time_write_part("write_part, no check", shards, workdir, index_path, jobs,
+            ("no check", lambda jobs: [time_write_part("write_part, no check", workdir, index_path, jobs,
                                                        check=None)]),
         ]
     timings: list[Timing] = []
@@ -435,7 +468,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 print(f"repeat {repeat + 1}/{args.repeats}, {jobs} job(s): {name}", file=sys.stderr)
                 timings += measure(jobs)
 
-    order = ["tar -cf", "tar -cf + fsync", "write_part", "write_part (check: header)", *others,
+    order = ["tar -cf", "tar -cf + fsync", "write_part", "write_part (check: header)", *revisions,
              "check only (prepare_image)", "write_part, no check"]
     timings.sort(key=lambda t: (t.jobs, order.index(t.what)))
     summary = summarise(timings, total_bytes / len(index))
@@ -462,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         report = run(args, workdir)
+    except RevisionError as error:
+        print(f"flashnet bench shards: {error}", file=sys.stderr)
+        return 2
     finally:
         if not args.keep:
             if args.workdir is None:

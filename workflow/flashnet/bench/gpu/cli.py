@@ -1,0 +1,156 @@
+"""``flashnet bench gpu``: its options, the device it runs on, and the run over the chosen configurations
+(the package's docstring, flashnet/bench/gpu/__init__.py, says what each measures and how)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashnet.bench import gpu, write_report
+from flashnet.bench.gpu.configs import Scale, select_configs
+from flashnet.bench.gpu.inputs import resolve_shards
+from flashnet.bench.gpu.report import format_table, goal_summary, lightning_overhead
+from flashnet.bench.gpu.runners import Context, compile_modes_needed, release_memory, run_config
+from flashnet.bench.measure import (FLOP_PER_MAC, TRAIN_PASSES, describe_machine, forward_gmacs, measure_matmul,
+                                    training_flops_per_image)
+
+IMAGENET_CLASSES = 1000
+
+
+def run_benchmark(args: argparse.Namespace, scale: Scale, device: torch.device) -> dict[str, Any]:
+    configs = select_configs(args.configs)
+    flops = training_flops_per_image(scale.model, scale.image_size)
+    report: dict[str, Any] = {
+        "benchmark": "gpu_throughput",
+        "smoke": scale.smoke,
+        "machine": describe_machine(device),
+        "scale": dataclasses.asdict(scale),
+        "flop_per_image": flops,
+        "flop_per_image_source": (f"{TRAIN_PASSES} passes x {FLOP_PER_MAC} FLOP/MAC x {forward_gmacs(scale.model)} GMAC "
+                                  f"(torchvision {scale.model} weights meta '_ops') x ({scale.image_size}/224)^2"),
+        "configs": [c.id for c in configs],
+        "results": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="flashnet-bench-gpu-") as tmp:
+        shards = resolve_shards(args, scale, configs, Path(tmp))
+        report["shards"] = str(Path(shards[0]).parent) if shards else None
+        report["matmul_dtype"] = str(scale.matmul_dtype).removeprefix("torch.")
+        report["matmul_tflops_start"] = measure_matmul(scale.matmul_size, device, scale.matmul_dtype)
+        ctx = Context(scale, device, args.workers, shards, args.pipeline_compile_mode, flops,
+                      report["matmul_tflops_start"], Path(tmp))
+        for position, config in enumerate(configs):
+            print(f"[{time.strftime('%H:%M:%S')}] configuration {config.id}: {config.title}", file=sys.stderr, flush=True)
+            report["results"].extend(run_config(config, ctx, report["results"]))
+            write_report(report, args.out)
+            release_memory(ctx, compile_modes_needed(configs[position + 1:], args.pipeline_compile_mode,
+                                                     report["results"], scale.smoke))
+        report["matmul_tflops_end"] = measure_matmul(scale.matmul_size, device, scale.matmul_dtype)
+    report["matmul_tflops"] = report["matmul_tflops_start"]
+    report["lightning_overhead"] = lightning_overhead(report["results"])
+    report["goals"] = goal_summary(report["results"])
+    write_report(report, args.out)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flashnet bench gpu", description=gpu.__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="1,2,3,4,5", help="comma-separated ids (1,2e,2,2r,2m,3d,3,4d,4,5,5c) or all")
+    parser.add_argument("--batch-size", type=int, default=256, help="per GPU")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before them (compile, autotuning)")
+    parser.add_argument("--shards", type=Path, default=None, help="PATH/manifest.json of train shards")
+    parser.add_argument("--make-shards", type=int, default=0, metavar="N",
+                        help="first write N ImageNet-sized sample images as shards at --shards (reused if there)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="loader worker processes (default: all cores but two)")
+    parser.add_argument("--pipeline-compile-mode", default="auto",
+                        choices=["auto", "none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="compile mode of configurations 3 and 4 (auto: the fastest of 2/2r/2m measured)")
+    parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=None, help="write the full results as JSON here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="ResNet-18, 32 px, batch 8, 2 steps, on the CPU: exercises every code path (CI)")
+    args = parser.parse_args(argv)
+    try:
+        select_configs(args.configs)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the timed window starts after a warm-up step)")
+    if args.make_shards and args.shards is None:
+        parser.error("--make-shards needs --shards PATH/manifest.json (where to write them)")
+    return args
+
+
+def scale_for(args: argparse.Namespace) -> Scale:
+    if args.smoke:
+        return Scale(model="resnet18", image_size=32, batch_size=8, steps=2, warmup=1, matmul_size=256,
+                     num_classes=10, smoke=True)
+    return Scale(model="resnet50", image_size=224, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                 matmul_size=args.matmul_size, num_classes=IMAGENET_CLASSES, smoke=False)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Keep Lightning's banners and tips out of the table's log, and restore its loggers and the
+    warning filters afterwards (``main`` also runs inside pytest). Lightning is imported first:
+    its ``__init__`` sets its loggers to INFO."""
+    import pytorch_lightning  # noqa: F401
+
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="pytorch_lightning.*")
+        warnings.filterwarnings("ignore", module="lightning_fabric.*")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """``torch.set_num_threads(count)`` for the block (no change for None)."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = None
+    if args.smoke:
+        device = torch.device("cpu")
+        args.workers = 1
+        threads = 1  # on a shared 2-core CI machine, OpenMP's spinning threads slowed a step tenfold
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("flashnet bench gpu: no CUDA device here. This benchmark measures GPU training throughput; run it on a "
+              "GPU machine (docs/benchmarks/gpu.md), or pass --smoke to exercise its code on the CPU.", file=sys.stderr)
+        return 2
+    with quiet_lightning(), torch_threads(threads):
+        report = run_benchmark(args, scale_for(args), device)
+    print(format_table(report))
+    # A skipped configuration (no shards given) is the caller's choice; a failed one is an error.
+    return 1 if any(row["status"] == "failed" for row in report["results"]) else 0
+

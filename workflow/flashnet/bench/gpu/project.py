@@ -1,0 +1,101 @@
+"""The project's LightningModule as the pipeline builds it, and the batches it is fed, for the benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashnet.bench.gpu.configs import BenchConfig, Scale
+from flashnet.data.sources import IMAGENET_COUNTS
+
+IMAGENET_TRAIN_IMAGES = IMAGENET_COUNTS["train"]  # steps per epoch for the schedule: as a real ImageNet run
+SCHEMA = Path(__file__).resolve().parents[3] / "schemas" / "config.schema.yaml"
+
+
+def schema_run_defaults() -> dict[str, Any]:
+    """Every run key's default from the config schema (ResNet-50, 224 px, LARS, MLPerf's values)."""
+    import yaml
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    properties = schema["$defs"]["run"]["properties"]
+    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
+
+
+def bench_run(config: BenchConfig, scale: Scale, device: torch.device, workers: int) -> dict[str, Any]:
+    """The run settings of one configuration: the schema's defaults with this benchmark's size."""
+    run = schema_run_defaults()
+    run.update(
+        model=scale.model, image_size=scale.image_size, batch_size=scale.batch_size, nodes=1, devices_per_node=1,
+        accelerator="gpu" if device.type == "cuda" else "cpu", precision=config.precision,
+        compile=config.compile_mode is not None, loader_workers=workers,
+        decode_device="cuda" if config.data == "shards-gpu" and device.type == "cuda" else "cpu",
+    )
+    return run
+
+
+def build_module(run: dict[str, Any], num_classes: int):
+    """An ImageNetClassifier with the schedule of a full ImageNet epoch count at this batch size, so
+    the timed steps sit early in the warm-up like the first steps of a real run."""
+    from flashnet.config import RunConfig
+    from flashnet.train.module import ImageNetClassifier
+    from flashnet.train.schedule import schedule_for_run
+
+    config = RunConfig.from_dict(run, "bench")
+    schedule = schedule_for_run(config, max(IMAGENET_TRAIN_IMAGES // config.batch_size, 1))
+    return ImageNetClassifier(config.to_dict(), num_classes, dataclasses.asdict(schedule))
+
+
+def prepare_like_recipe(module, device: torch.device, compile_mode: str | None, smoke: bool) -> None:
+    """What recipe.train does to the module before Trainer.fit: channels_last weights and cuDNN's
+    autotuner on a GPU, then ``module.model.compile()`` (the whole step is not compiled: the loss,
+    bookkeeping and optimizer stay eager). The smoke run compiles with dynamo's eager backend, which
+    traces the model without minutes of Inductor code generation on a CI CPU."""
+    from flashnet.train.recipe import prepare_for_device
+
+    module.to(device)
+    if smoke and compile_mode is not None:
+        module.model.compile(backend="eager")
+        return
+    prepare_for_device(module.model, "gpu" if device.type == "cuda" else "cpu", compile_mode)
+
+
+def precision_for(config: BenchConfig, scale: Scale) -> str:
+    """The configuration's precision; the smoke run trains bf16 configurations in 32-true, since
+    bf16 autocast runs about 40× slower than float32 on CPUs without bf16 units (measured on the
+    2-core AMD EPYC CI machine: 10 s against 0.25 s for one ResNet-18 step at 32 px, batch 8)."""
+    if scale.smoke and config.precision == "bf16-mixed":
+        return "32-true"
+    return config.precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The autocast Lightning's precision plugin wraps training_step in."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def synthetic_project_batch(scale: Scale, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 NHWC batch and labels on the device, as the CPU-decoding loader delivers them.
+    Random, not zeros: these GPUs run measurably faster on zeros than on real data."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    images = torch.randint(0, 256, (scale.batch_size, scale.image_size, scale.image_size, 3), dtype=torch.uint8,
+                           generator=generator)
+    labels = torch.randint(0, scale.num_classes, (scale.batch_size,), generator=generator)
+    return images.to(device), labels.to(device)
+
+
+def to_device(batch, device: torch.device):
+    """A loader batch on its way to the step. Decoded batches (uint8 NHWC, pinned) are copied
+    asynchronously; undecoded ones stay in host memory, where nvJPEG reads them
+    (``decode_on_device`` moves the labels itself)."""
+    if isinstance(batch, dict):
+        return batch
+    images, labels = batch
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
