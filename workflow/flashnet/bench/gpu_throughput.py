@@ -18,7 +18,7 @@ Configurations (``--configs``, any subset, or ``all``; they always run in the or
     3d  data only: the real train_loader from WebDataset shards, CPU decoding in W workers, batches
         copied to the GPU; no model
     3   the full pipeline: that loader feeding the bf16 compiled step
-    4d  data only: the loader handing undecoded JPEGs to nvJPEG (``decode_on_device``), GPU crop/flip
+    4d  data only: the loader handing undecoded JPEGs to nvJPEG (``decode_jpegs_on_device``), GPU crop/flip
     4   the full pipeline with GPU decoding
 
 Every project configuration is measured twice: through ``Trainer.fit`` (``loop: fit``, the path the
@@ -273,24 +273,16 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def synthetic_project_batch(scale: Scale, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uint8 NHWC batch and labels on the device, as the CPU-decoding loader delivers them.
+def synthetic_project_batch(scale: Scale, device: torch.device, seed: int = 0):
+    """A uint8 NHWC batch on the device, as the CPU-decoding loader delivers it.
     Random, not zeros: these GPUs run measurably faster on zeros than on real data."""
+    from ..data.batch import Batch
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = torch.randint(0, 256, (scale.batch_size, scale.image_size, scale.image_size, 3), dtype=torch.uint8,
                            generator=generator)
     labels = torch.randint(0, scale.num_classes, (scale.batch_size,), generator=generator)
-    return images.to(device), labels.to(device)
-
-
-def to_device(batch, device: torch.device):
-    """A loader batch on its way to the step. Decoded batches (uint8 NHWC, pinned) are copied
-    asynchronously; undecoded ones stay in host memory, where nvJPEG reads them
-    (``decode_on_device`` moves the labels itself)."""
-    if isinstance(batch, dict):
-        return batch
-    images, labels = batch
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return Batch(labels, torch.ones(scale.batch_size, dtype=torch.bool), images=images).to(device)
 
 
 def manual_project_step(module, optimizer, scheduler, precision: str, device: torch.device,
@@ -327,7 +319,7 @@ def run_manual_loop(module, batches: Iterator, precision: str, warmup: int, step
             # CUDA-graph trees: each iteration is a new generation; outputs of the last one may go.
             torch.compiler.cudagraph_mark_step_begin()
         t0 = time.perf_counter()
-        batch = to_device(next(batches), device)
+        batch = next(batches).to(device)  # JPEGs stay on the host, for nvJPEG
         data_wait[0] += time.perf_counter() - t0
         project_step(batch, index)
 
@@ -585,19 +577,12 @@ def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -
 def run_loader(config: BenchConfig, ctx: Context) -> list[dict[str, Any]]:
     """The data pipeline alone, consumed as fast as it delivers: the ceiling it puts on the step.
     CPU decoding: batches copied to the device; GPU decoding: nvJPEG + crop/flip on the device."""
-    from ..data.loader import decode_on_device
-
     scale, device = ctx.scale, ctx.device
     warmup, steps = (scale.warmup, scale.steps) if scale.smoke else data_steps(scale.warmup, scale.steps, ctx.workers)
-    on_device = config.data == "shards-gpu"
-    batches = iter(train_stream(ctx, warmup + steps, decode_on_device=on_device))
+    batches = iter(train_stream(ctx, warmup + steps, decode_on_device=config.data == "shards-gpu"))
 
     def step(_: int) -> None:
-        batch = next(batches)
-        if on_device:
-            decode_on_device(batch, scale.image_size, device)
-        else:
-            to_device(batch, device)
+        next(batches).to(device).device_images(scale.image_size, device)
 
     reset_peak_memory(device)
     seconds, timed = time_steps(step, warmup, steps, device)

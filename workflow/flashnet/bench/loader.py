@@ -201,7 +201,9 @@ def time_pass(batches: Iterable, size: int) -> Rate:
     """Time one pass; check every batch is uint8 with ``size``-pixel images on the way."""
     count = 0
     wall, cpu = time.perf_counter(), time.process_time()
-    for images, _labels in batches:
+    for batch in batches:
+        # flashnet's Batch, or (images, labels) from torchvision and loaders older than the Batch type
+        images = batch.images if hasattr(batch, "images") else batch[0]
         assert images.dtype == torch.uint8 and size in images.shape[1:3] and images.shape[-2] == size, images.shape
         count += len(images)
     return Rate(count / (time.perf_counter() - wall), count / (time.process_time() - cpu))
