@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 
 from flashnet.data import loader, sample, shards, sources, tarfiles
+from flashnet.data.batch import Batch
 from flashnet.data.epochs import TrainSamples, shard_paths
 
 pytestmark = [
@@ -90,15 +91,15 @@ def train_spec(split: Split, **changes) -> loader.TrainStreamSpec:
     return loader.TrainStreamSpec(**{**settings, **changes})
 
 
-def train_batches(spec: loader.TrainStreamSpec, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(spec: loader.TrainStreamSpec, workers: int) -> list[Batch]:
     return list(loader.train_loader(spec, workers))
 
 
-def assert_same_batches(actual: list, expected: list) -> None:
+def assert_same_batches(actual: list[Batch], expected: list[Batch]) -> None:
     assert len(actual) == len(expected)
-    for i, ((images, labels), (images_expected, labels_expected)) in enumerate(zip(actual, expected)):
-        assert torch.equal(labels, labels_expected), f"batch {i}: labels differ"
-        assert torch.equal(images, images_expected), f"batch {i}: images differ"
+    for i, (batch, batch_expected) in enumerate(zip(actual, expected)):
+        assert torch.equal(batch.labels, batch_expected.labels), f"batch {i}: labels differ"
+        assert torch.equal(batch.images, batch_expected.images), f"batch {i}: images differ"
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2, 3])
@@ -108,10 +109,12 @@ def test_every_rank_yields_steps_full_batches(data, workers):
         spec = train_spec(data["train"], rank=rank, world_size=2, steps=4)
         batches = train_batches(spec, workers)
         assert len(batches) == 4 == len(loader.TrainBatches(spec))
-        for images, labels in batches:
-            assert images.shape == (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == torch.uint8
-            assert labels.shape == (BATCH,) and labels.dtype == torch.long
-            assert set(labels.tolist()) <= known_labels
+        for batch in batches:
+            assert batch.jpegs is None
+            assert batch.images.shape == (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3) and batch.images.dtype == torch.uint8
+            assert batch.labels.shape == (BATCH,) and batch.labels.dtype == torch.long
+            assert batch.valid.dtype == torch.bool and batch.valid.all(), "a train sample marked as padding"
+            assert set(batch.labels.tolist()) <= known_labels
 
 
 def rank_keys(split: Split, spec: loader.TrainStreamSpec, workers: int, resume_at: int | None = None) -> list[str]:
@@ -127,9 +130,9 @@ def rank_keys(split: Split, spec: loader.TrainStreamSpec, workers: int, resume_a
         batches = batches[:resume_at] + resumed
     keys = []
     for batch in batches:
-        assert len(batch["jpegs"]) == spec.batch_size
-        batch_keys = [by_jpeg[jpeg.numpy().tobytes()] for jpeg in batch["jpegs"]]
-        assert batch["labels"].tolist() == [split.samples[key][1] for key in batch_keys]
+        assert batch.images is None and len(batch.jpegs) == spec.batch_size
+        batch_keys = [by_jpeg[jpeg.numpy().tobytes()] for jpeg in batch.jpegs.jpegs]
+        assert batch.labels.tolist() == [split.samples[key][1] for key in batch_keys]
         keys += batch_keys
     return keys
 
@@ -219,7 +222,7 @@ def test_batches_are_a_function_of_seed_epoch_and_rank(data):
     assert_same_batches(train_batches(spec, 0), base)
     for change in ({"epoch": 1}, {"rank": 1}, {"seed": 1}):
         other = train_batches(dataclasses.replace(spec, **change), 0)
-        differing = sum(not torch.equal(a[0], b[0]) for a, b in zip(other, base))
+        differing = sum(not torch.equal(a.images, b.images) for a, b in zip(other, base))
         assert differing == 4, f"{change}: only {differing} of 4 batches differ"
 
 
@@ -275,8 +278,9 @@ def test_val_reads_every_sample_exactly_once(data, world_size, workers):
     for rank in range(world_size):
         batches = list(loader.val_loader(val_spec(split, rank, world_size, workers)))
         batch_counts.append(len(batches))
-        assert sum(not valid.any() for _, _, valid in batches) == padding[rank]
-        for images, labels, valid in batches:
+        assert sum(not batch.valid.any() for batch in batches) == padding[rank]
+        for batch in batches:
+            images, labels, valid = batch.images, batch.labels, batch.valid
             assert images.dtype == torch.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
             assert 1 <= len(images) <= BATCH and len(labels) == len(valid) == len(images)
             for image, label, is_valid in zip(images, labels.tolist(), valid.tolist()):
@@ -298,7 +302,7 @@ def test_val_batches_do_not_depend_on_where_they_are_made(data):
     direct = list(loader.ValBatches(spec))
     through_loader = list(loader.val_loader(spec))
     assert len(direct) == len(through_loader)
-    key = lambda batch: (batch[0].numpy().tobytes(), batch[1].tolist())  # noqa: E731
+    key = lambda batch: (batch.images.numpy().tobytes(), batch.labels.tolist())  # noqa: E731
     assert sorted(map(key, direct)) == sorted(map(key, through_loader))
 
 
@@ -333,7 +337,7 @@ def test_only_jpg_and_cls_are_read(data, tmp_path):
     for workers in (0, 2):
         assert len(train_batches(train_spec(trapped, steps=2), workers)) == 2
         val = list(loader.val_loader(val_spec(trapped, rank=0, world_size=1, workers=workers)))
-        assert sum(int(valid.sum()) for _, _, valid in val) == 8
+        assert sum(int(batch.valid.sum()) for batch in val) == 8
     assert not marker.exists(), "the loader unpickled a field it should never have read"
 
 
@@ -341,32 +345,32 @@ def test_only_jpg_and_cls_are_read(data, tmp_path):
 
 
 def test_device_decode_path_matches_the_cpu_path(data):
-    """decode_on_device (torchvision's decoder; here on CPU, nvJPEG on a GPU) after workers that
-    only pick crops gives the CPU path's batches: same shapes and labels, close pixels."""
+    """Decoding on the device (torchvision's decoder; here on CPU, nvJPEG on a GPU) after workers
+    that only pick crops gives the CPU path's batches: same shapes, labels and mask, close pixels."""
     cpu = torch.device("cpu")
     for workers in (0, 2):
         plain = train_batches(train_spec(data["train"]), workers)
         encoded = train_batches(train_spec(data["train"], decode_on_device=True), workers)
         assert len(encoded) == len(plain) == STEPS
-        for batch, (images, labels) in zip(encoded, plain):
-            assert set(batch) == {"jpegs", "boxes", "flips", "labels"}
-            decoded, device_labels = loader.decode_on_device(batch, IMAGE_SIZE, cpu)
-            assert decoded.shape == images.shape and decoded.dtype == torch.uint8
-            assert torch.equal(device_labels, labels)
-            assert mean_abs_difference(decoded, images) < 3
+        for batch, plain_batch in zip(encoded, plain):
+            assert batch.images is None and len(batch.jpegs) == BATCH
+            decoded = batch.device_images(IMAGE_SIZE, cpu)
+            assert decoded.shape == plain_batch.images.shape and decoded.dtype == torch.uint8
+            assert torch.equal(batch.labels, plain_batch.labels) and torch.equal(batch.valid, plain_batch.valid)
+            assert mean_abs_difference(decoded, plain_batch.images) < 3
 
     spec = val_spec(data["val"], rank=2, world_size=3, workers=2)  # the rank with a padding batch
     plain = list(loader.val_loader(spec))
     encoded = list(loader.val_loader(dataclasses.replace(spec, decode_on_device=True)))
     assert len(encoded) == len(plain)
     padding = 0
-    for batch, (images, labels, valid) in zip(encoded, plain):
-        decoded, device_labels = loader.decode_on_device(batch, IMAGE_SIZE, cpu)
-        assert torch.equal(batch["valid"], valid) and torch.equal(device_labels, labels)
-        if valid.all():
-            assert mean_abs_difference(decoded, images) < 3
+    for batch, plain_batch in zip(encoded, plain):
+        decoded = batch.device_images(IMAGE_SIZE, cpu)
+        assert torch.equal(batch.valid, plain_batch.valid) and torch.equal(batch.labels, plain_batch.labels)
+        if batch.valid.all():
+            assert mean_abs_difference(decoded, plain_batch.images) < 3
         else:
-            assert not valid.any() and decoded.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+            assert not batch.valid.any() and decoded.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
             padding += 1
     assert padding == loader.val_assignment(spec.shard_samples, 3, 2, BATCH)[1][2] == 1
 
@@ -382,10 +386,11 @@ def test_train_batches_without_augmentation_are_the_val_transform(data):
         crop = decode_crop(jpeg, center_crop_box(width, height, VAL_RESIZE, IMAGE_SIZE), IMAGE_SIZE)
         expected.add((crop.numpy().tobytes(), label))
     batches = train_batches(train_spec(data["train"], center_crop_resize=VAL_RESIZE), 0)
-    seen = [(image.numpy().tobytes(), int(label)) for images, labels in batches for image, label in zip(images, labels)]
+    seen = [(image.numpy().tobytes(), int(label))
+            for batch in batches for image, label in zip(batch.images, batch.labels)]
     assert len(seen) == STEPS * BATCH and set(seen) <= expected
     augmented = train_batches(train_spec(data["train"]), 0)
-    assert not {(i.numpy().tobytes(), int(l)) for images, labels in augmented for i, l in zip(images, labels)} <= expected
+    assert not {(i.numpy().tobytes(), int(l)) for b in augmented for i, l in zip(b.images, b.labels)} <= expected
 # --------------------------------------------------------------------------- decode errors
 
 

@@ -202,3 +202,19 @@ def test_normalize_values_and_layout():
         assert x.is_contiguous(memory_format=memory_format)
         for channel in range(3):
             assert torch.allclose(x[:, channel], torch.tensor(expected[channel], dtype=torch.float32), atol=1e-5)
+
+
+def test_device_decode_cuts_resizes_and_flips_each_box_like_the_cpu_decode():
+    """decode_jpegs_on_device, run here on the CPU (nvJPEG on a GPU): each JPEG's box, resized and
+    flipped where asked, close to decode_crop's; a greyscale JPEG comes out as three equal channels."""
+    jpegs = [drawn_jpeg(1, 120, 160), drawn_jpeg(2, 200, 240, mode="grey"), drawn_jpeg(1, 120, 160)]
+    boxes = [(10, 7, 90, 80), (20, 30, 150, 120), (10, 7, 90, 80)]
+    flips = [False, False, True]
+    out = transforms.decode_jpegs_on_device(
+        tuple(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs),
+        torch.tensor(boxes), torch.tensor(flips), 48, torch.device("cpu"))
+    assert out.shape == (3, 48, 48, 3) and out.dtype == torch.uint8
+    for image, jpeg, box, flip in zip(out, jpegs, boxes, flips):
+        assert mean_abs_difference(image, transforms.decode_crop(jpeg, box, 48, flip)) < 3
+    assert torch.equal(out[2], out[0].flip(1))
+    assert torch.equal(out[1, ..., 0], out[1, ..., 1]) and torch.equal(out[1, ..., 0], out[1, ..., 2])

@@ -15,18 +15,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
-from torchmetrics import SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from .config import ConfigError, LauncherConfig, RunConfig
 from .data.epochs import shard_paths
 from .data.loader import ValSpec, val_loader
 from .data.shards import sha256_file, verify_manifest
 from .data.sources import DataError
-from .data.transforms import normalize
 from .runfolder import short_reason
 from .train import launch
-from .train.module import IGNORED, build_model
+from .train.module import Evaluator, build_model
 from .train.recipe import MODEL_FORMAT, resolve_accelerator
 from .watch import ProgressLines, open_progress_fd
 
@@ -48,38 +45,6 @@ def load_final_model(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: weights do not fit a {run.model} with {record['num_classes']} classes: "
                         f"{str(error).splitlines()[0]}") from None
     return record
-
-
-class Evaluator(pl.LightningModule):
-    def __init__(self, run: RunConfig, num_classes: int, state_dict: dict[str, torch.Tensor]):
-        super().__init__()
-        self.run_config = run
-        self.model = build_model(run, num_classes)
-        self.model.load_state_dict(state_dict)
-        top5 = min(5, num_classes)
-        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORED)
-        self.top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=IGNORED)
-        self.per_class = MulticlassAccuracy(num_classes, top_k=1, average=None, ignore_index=IGNORED)
-        self.samples = SumMetric()
-        self.results: dict[str, Any] = {}
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels, valid = batch
-        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        logits = self.model(normalize(images, layout))
-        labels = torch.where(valid, labels, IGNORED)
-        for metric in (self.top1, self.top5, self.per_class):
-            metric.update(logits, labels)
-        self.samples.update(valid.sum())
-
-    def on_validation_epoch_end(self) -> None:
-        # compute() gathers over all ranks, so every rank holds the totals.
-        self.results = {
-            "top1": float(self.top1.compute()),
-            "top5": float(self.top5.compute()),
-            "per_class": [float(v) for v in self.per_class.compute()],
-            "samples": int(self.samples.compute()),
-        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,7 +195,8 @@ def time_pass(batches: Iterable, size: int) -> Rate:
     """Time one pass; check every batch on the way."""
     count = 0
     wall, cpu = time.perf_counter(), time.process_time()
-    for images, _labels in batches:
+    for batch in batches:
+        images = batch.images if hasattr(batch, "images") else batch[0]  # flashnet's Batch, or torchvision's tuple
         check_batch(str(images.dtype), tuple(images.shape), size)
         count += len(images)
     return Rate(count / (time.perf_counter() - wall), count / (time.process_time() - cpu))

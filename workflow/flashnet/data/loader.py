@@ -17,10 +17,11 @@ through DDP runs collectives per batch and every rank must take part in each.
 
 Images are decoded on CPU workers (libjpeg-turbo through simplejpeg; at 1/2, 1/4 or 1/8 scale when
 the crop still covers twice the output size there), cropped and resized with antialiased bilinear
-interpolation on uint8, and flipped; batches are uint8 NHWC. Normalisation happens on the device.
-With ``decode_device: cuda`` the workers only pick the crops and the JPEGs are decoded by nvJPEG.
-A JPEG that fails to decode raises :class:`SampleError`, naming its shard and key. The image
-operations live in :mod:`.transforms`.
+interpolation on uint8, and flipped. With ``decode_device: cuda`` the workers only pick the crops
+and the JPEGs are decoded by nvJPEG on the device. Every path yields a :class:`.batch.Batch`
+(labels, validity mask, uint8 NHWC images or JPEGs); normalisation happens on the device. A JPEG
+that fails to decode raises :class:`SampleError`, naming its shard and key. The image operations
+live in :mod:`.transforms`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import simplejpeg
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset, get_worker_info
 
+from .batch import Batch, JpegCrops
 from .epochs import TrainSamples, batch_samples, worker_batches
 from .tarfiles import ShardError, shard_samples, tar_samples
 from .transforms import center_crop_box, decode_crop, random_resized_crop_box
@@ -158,23 +159,24 @@ def _augment(spec: TrainStreamSpec, sample: dict):
     return _prepared(sample, prepare)
 
 
-def collate_decoded(items) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([image for image, _ in items])
+def collate_decoded(items: list[tuple[torch.Tensor, int]], valid: bool = True) -> Batch:
+    """``(image, label)`` pairs → a batch of decoded images, all valid or all padding."""
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
-    return images, labels
+    return Batch(labels, torch.full((len(items),), valid), images=torch.stack([image for image, _ in items]))
 
 
-def collate_encoded(items) -> dict:
-    """Undecoded batch for nvJPEG: the JPEG bytes, crop boxes, flips and labels."""
-    return {
-        "jpegs": [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg, _, _, _ in items],
-        "boxes": torch.tensor([box for _, box, _, _ in items], dtype=torch.long),
-        "flips": torch.tensor([flip for _, _, flip, _ in items], dtype=torch.bool),
-        "labels": torch.tensor([label for _, _, _, label in items], dtype=torch.long),
-    }
+def collate_encoded(items: list[tuple[bytes, tuple[int, int, int, int], bool, int]], valid: bool = True) -> Batch:
+    """``(jpeg, box, flip, label)`` → a batch of JPEGs for nvJPEG, all valid or all padding."""
+    jpegs = JpegCrops(
+        jpegs=tuple(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg, _, _, _ in items),
+        boxes=torch.tensor([box for _, box, _, _ in items], dtype=torch.long),
+        flips=torch.tensor([flip for _, _, flip, _ in items], dtype=torch.bool),
+    )
+    labels = torch.tensor([label for _, _, _, label in items], dtype=torch.long)
+    return Batch(labels, torch.full((len(items),), valid), jpegs=jpegs)
 
 
-def make_batches(spec: TrainStreamSpec, batches: Iterable[int]) -> Iterator:
+def make_batches(spec: TrainStreamSpec, batches: Iterable[int]) -> Iterator[Batch]:
     """This rank's batches ``batches``, read and augmented."""
     collate = collate_encoded if spec.decode_on_device else collate_decoded
     reader = ShardReader(spec.samples)
@@ -284,21 +286,13 @@ def _val_sample(spec: ValSpec, sample: dict):
     return _prepared(sample, prepare)
 
 
-def _with_valid(batch, valid: bool):
-    if isinstance(batch, dict):
-        batch["valid"] = torch.full((len(batch["labels"]),), valid)
-        return batch
-    images, labels = batch
-    return images, labels, torch.full((len(labels),), valid)
-
-
-def _padding_batch(spec: ValSpec):
+def _padding_batch(spec: ValSpec) -> Batch:
+    """One black sample, masked out."""
     if spec.decode_on_device:
         # A small black JPEG: the device decoder needs real JPEG bytes even for padding.
         jpeg = simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-        return _with_valid(collate_encoded([(jpeg, (0, 0, 8, 8), False, 0)]), False)
-    images = torch.zeros((1, spec.image_size, spec.image_size, 3), dtype=torch.uint8)
-    return images, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool)
+        return collate_encoded([(jpeg, (0, 0, 8, 8), False, 0)], valid=False)
+    return collate_decoded([(torch.zeros((spec.image_size, spec.image_size, 3), dtype=torch.uint8), 0)], valid=False)
 
 
 class ValBatches(IterableDataset):
@@ -309,7 +303,7 @@ class ValBatches(IterableDataset):
         self.assignment, self.padding = val_assignment(spec.shard_samples, spec.world_size, spec.workers,
                                                        spec.batch_size)
 
-    def _batches(self, shard_ids: list[int]) -> Iterator:
+    def _batches(self, shard_ids: list[int]) -> Iterator[Batch]:
         """One worker's shards, batched (the last batch of each worker may be short)."""
         if not shard_ids:
             return iter(())
@@ -331,8 +325,7 @@ class ValBatches(IterableDataset):
         # still batched on their own, so the batch count is the one the padding was planned for.
         shard_lists = [owned[worker]] if info else owned
         for shard_ids in shard_lists:
-            for batch in self._batches(shard_ids):
-                yield _with_valid(batch, True)
+            yield from self._batches(shard_ids)
         if worker == 0:
             for _ in range(self.padding[self.spec.rank]):
                 yield _padding_batch(self.spec)
@@ -347,22 +340,3 @@ def val_loader(spec: ValSpec, pin_memory: bool = False) -> DataLoader:
         multiprocessing_context="fork" if spec.workers else None,
         worker_init_fn=ignore_sigterm,
     )
-
-
-# --------------------------------------------------------------------------- device decoding
-
-
-def decode_on_device(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """nvJPEG-decode a batch from :func:`collate_encoded` on ``device``, crop, resize and flip
-    there: uint8 NHWC, like the CPU path."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    # RGB mode: a greyscale JPEG would otherwise come back with one channel.
-    images = decode_jpeg(batch["jpegs"], mode=ImageReadMode.RGB, device=device)
-    out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=device)
-    for i, (image, (left, top, w, h), flip) in enumerate(zip(images, batch["boxes"].tolist(), batch["flips"].tolist())):
-        crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
-        resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        resized = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-        out[i] = resized.flip(1) if flip else resized
-    return out, batch["labels"].to(device, non_blocking=True)

@@ -1,9 +1,11 @@
-"""Image operations of the loaders: crop boxes, decode-crop-resize, and normalisation.
+"""Image operations of the loaders: crop boxes, decode-crop-resize on the CPU or the device, and
+normalisation.
 
 Crop boxes are drawn on the header's width and height before anything is decoded, so a decode can
 skip what the crop does not need: large crops are decoded at 1/2, 1/4 or 1/8 scale by
 libjpeg-turbo (through simplejpeg), then cropped and resized with antialiased bilinear
-interpolation on uint8. Normalisation runs on the device, on whole batches.
+interpolation on uint8. With ``decode_device: cuda`` the same boxes are cut from JPEGs decoded by
+nvJPEG on the device instead. Normalisation runs on the device, on whole batches.
 """
 
 from __future__ import annotations
@@ -119,6 +121,24 @@ def decode_crop(jpeg: bytes, box: tuple[int, int, int, int], size: int, flip: bo
     out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     out = out[0].permute(1, 2, 0)
     return out.flip(1) if flip else out
+
+
+def decode_jpegs_on_device(jpegs: tuple[torch.Tensor, ...], boxes: torch.Tensor, flips: torch.Tensor, size: int,
+                           device: torch.device) -> torch.Tensor:
+    """Decode ``jpegs`` (1-D uint8 host tensors) on ``device`` (nvJPEG on a GPU, libjpeg on the
+    CPU), cut each one's box, resize it to ``size``×``size`` and flip it where ``flips`` says:
+    uint8 NHWC, like :func:`decode_crop` on the CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # torchvision's image I/O only on this path
+
+    # RGB mode: a greyscale JPEG would otherwise come back with one channel.
+    images = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
+    out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=device)
+    for i, (image, (left, top, w, h), flip) in enumerate(zip(images, boxes.tolist(), flips.tolist())):
+        crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        resized = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        out[i] = resized.flip(1) if flip else resized
+    return out
 
 
 def normalize(images: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""The LightningModule: torchvision ResNet v1.5, label-smoothed cross-entropy, LARS or SGD with the
-warmup + polynomial schedule stepped every iteration, top-1/top-5 with torchmetrics.
+"""The LightningModules: :class:`ImageNetClassifier` trains (torchvision ResNet v1.5,
+label-smoothed cross-entropy, LARS or SGD with the warmup + polynomial schedule stepped every
+iteration, top-1/top-5 with torchmetrics); :class:`Evaluator` scores a trained model on the val set.
 
-It trains the same way under any launcher: ranks, devices and precision come from the Trainer.
-Batches arrive as uint8 NHWC (or undecoded JPEGs with ``decode_device: cuda``) and are normalised
-here, on the device.
+Both run the same way under any launcher: ranks, devices and precision come from the Trainer.
+Both take their inputs from a :class:`~flashnet.data.batch.Batch` through :func:`model_inputs`
+(decoded on the device if the batch carries JPEGs, normalised there, padding labelled
+:data:`IGNORED`) and count accuracy with :func:`accuracy_metrics`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torchvision
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..config import RunConfig
-from ..data.loader import decode_on_device
+from ..data.batch import Batch
 from ..data.transforms import normalize
 from .lars import LARS, lars_param_groups
 from .schedule import WarmupPolySchedule
 
-IGNORED = -100  # label of val padding samples, which the accuracy metrics skip
+IGNORED = -100  # label of val padding samples, which the accuracy metrics (and the loss) skip
 
 
 def build_model(run: RunConfig, num_classes: int) -> nn.Module:
@@ -58,6 +61,21 @@ def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, foreach=True)
 
 
+def model_inputs(batch: Batch, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised images, labels) on ``device``; padding samples' labels are :data:`IGNORED`, so
+    no metric counts them. Images are channels_last on GPUs, plain NCHW on CPUs (faster there)."""
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    images = normalize(batch.device_images(image_size, device), layout)
+    return images, torch.where(batch.valid, batch.labels, IGNORED)
+
+
+def accuracy_metrics(num_classes: int) -> tuple[MulticlassAccuracy, MulticlassAccuracy]:
+    """Top-1 and top-5 accuracy (top-k of every class when there are fewer than 5), skipping
+    :data:`IGNORED` labels; ``compute()`` gathers over all ranks."""
+    return tuple(MulticlassAccuracy(num_classes, top_k=k, average="micro", ignore_index=IGNORED)
+                 for k in (1, min(5, num_classes)))
+
+
 class ImageNetClassifier(pl.LightningModule):
     def __init__(self, run: dict[str, Any], num_classes: int, schedule: dict[str, Any]):
         super().__init__()
@@ -66,9 +84,7 @@ class ImageNetClassifier(pl.LightningModule):
         self.schedule = WarmupPolySchedule(**schedule)
         self.model = build_model(self.run_config, num_classes)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.run_config.label_smoothing)
-        top5 = min(5, num_classes)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORED)
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro", ignore_index=IGNORED)
+        self.val_top1, self.val_top5 = accuracy_metrics(num_classes)
         # Device-side bookkeeping, read only at log intervals so the step never waits on the host.
         # Saved in resume checkpoints (not in model.pt), so an epoch's mean loss survives a requeue.
         self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
@@ -80,25 +96,11 @@ class ImageNetClassifier(pl.LightningModule):
         if self.run_config.bn_group_size > 1:
             self.model = synchronise_batchnorm(self.model, self.run_config.bn_group_size)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        # Undecoded JPEGs stay in host memory, where nvJPEG reads them; decode_on_device moves the rest.
-        if isinstance(batch, dict):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def _inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(batch, dict):  # undecoded JPEGs: nvJPEG on this device
-            images, labels = decode_on_device(batch, self.run_config.image_size, self.device)
-        else:
-            images, labels = batch[0], batch[1]
-        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        return normalize(images, layout), labels
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = self._inputs(batch)
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        images, labels = model_inputs(batch, self.run_config.image_size, self.device)
         loss = self.criterion(self(images), labels)
         detached = loss.detach()
         finite = torch.isfinite(detached)
@@ -109,12 +111,8 @@ class ImageNetClassifier(pl.LightningModule):
         self.loss_count += 1
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        valid = batch["valid"] if isinstance(batch, dict) else batch[2]
-        images, labels = self._inputs(batch)
-        valid = valid.to(labels.device)
-        # Padding samples (there so every rank runs the same number of batches) are not counted.
-        labels = torch.where(valid, labels, IGNORED)
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, labels = model_inputs(batch, self.run_config.image_size, self.device)
         logits = self(images)
         self.val_top1.update(logits, labels)
         self.val_top5.update(logits, labels)
@@ -139,3 +137,34 @@ class ImageNetClassifier(pl.LightningModule):
         # LambdaLR scales each group's initial lr (= peak) by schedule(step) / peak.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step) / peak)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Evaluator(pl.LightningModule):
+    """A trained model's top-1, top-5, per-class top-1 and sample count over the val batches, in
+    :attr:`results` on every rank after ``Trainer.validate``."""
+
+    def __init__(self, run: RunConfig, num_classes: int, state_dict: dict[str, torch.Tensor]):
+        super().__init__()
+        self.run_config = run
+        self.model = build_model(run, num_classes)
+        self.model.load_state_dict(state_dict)
+        self.top1, self.top5 = accuracy_metrics(num_classes)
+        self.per_class = MulticlassAccuracy(num_classes, top_k=1, average=None, ignore_index=IGNORED)
+        self.samples = SumMetric()
+        self.results: dict[str, Any] = {}
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, labels = model_inputs(batch, self.run_config.image_size, self.device)
+        logits = self.model(images)
+        for metric in (self.top1, self.top5, self.per_class):
+            metric.update(logits, labels)
+        self.samples.update(batch.valid.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() gathers over all ranks, so every rank holds the totals.
+        self.results = {
+            "top1": float(self.top1.compute()),
+            "top5": float(self.top5.compute()),
+            "per_class": [float(v) for v in self.per_class.compute()],
+            "samples": int(self.samples.compute()),
+        }

@@ -41,8 +41,6 @@ MODEL_FORMAT = "flashnet-model/1"
 # that each worker's share of an epoch is exact by construction; its warnings say otherwise.
 warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
-# The module's transfer_batch_to_device (undecoded JPEGs stay on the host) is meant to win.
-warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 # A local run on a machine that has SLURM's tools is still a local run.
 warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 

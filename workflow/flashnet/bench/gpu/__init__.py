@@ -18,7 +18,7 @@ Configurations (``--configs``, any subset, or ``all``; they always run in the or
     3d  data only: the real train_loader from WebDataset shards, CPU decoding in W workers, batches
         copied to the GPU; no model
     3   the full pipeline: that loader feeding the bf16 compiled step
-    4d  data only: the loader handing undecoded JPEGs to nvJPEG (``decode_on_device``), GPU crop/flip
+    4d  data only: the loader handing undecoded JPEGs to nvJPEG (``decode_jpegs_on_device``), GPU crop/flip
     4   the full pipeline with GPU decoding
 
 Every project configuration is measured twice: through ``Trainer.fit`` (``loop: fit``, the path the

@@ -81,21 +81,13 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def synthetic_project_batch(scale: Scale, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uint8 NHWC batch and labels on the device, as the CPU-decoding loader delivers them.
+def synthetic_project_batch(scale: Scale, device: torch.device, seed: int = 0):
+    """A uint8 NHWC batch on the device, as the CPU-decoding loader delivers it.
     Random, not zeros: these GPUs run measurably faster on zeros than on real data."""
+    from flashnet.data.batch import Batch
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = torch.randint(0, 256, (scale.batch_size, scale.image_size, scale.image_size, 3), dtype=torch.uint8,
                            generator=generator)
     labels = torch.randint(0, scale.num_classes, (scale.batch_size,), generator=generator)
-    return images.to(device), labels.to(device)
-
-
-def to_device(batch, device: torch.device):
-    """A loader batch on its way to the step. Decoded batches (uint8 NHWC, pinned) are copied
-    asynchronously; undecoded ones stay in host memory, where nvJPEG reads them
-    (``decode_on_device`` moves the labels itself)."""
-    if isinstance(batch, dict):
-        return batch
-    images, labels = batch
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return Batch(labels, torch.ones(scale.batch_size, dtype=torch.bool), images=images).to(device)

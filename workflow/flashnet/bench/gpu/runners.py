@@ -16,7 +16,7 @@ import torchvision
 from flashnet.bench.gpu.configs import CONFIGS, SYNTHETIC_COMPILED, BenchConfig, Scale, data_steps
 from flashnet.bench.gpu.loops import RepeatedBatch, run_fit_loop, run_manual_loop
 from flashnet.bench.gpu.project import (autocast_for, bench_run, build_module, precision_for, prepare_like_recipe,
-                                        schema_run_defaults, synthetic_project_batch, to_device)
+                                        schema_run_defaults, synthetic_project_batch)
 from flashnet.bench.measure import (RegionTimer, Timing, achieved_tflops, count_host_syncs, images_per_second,
                                     time_steps)
 
@@ -196,19 +196,12 @@ def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -
 def run_loader(config: BenchConfig, ctx: Context) -> list[dict[str, Any]]:
     """The data pipeline alone, consumed as fast as it delivers: the ceiling it puts on the step.
     CPU decoding: batches copied to the device; GPU decoding: nvJPEG + crop/flip on the device."""
-    from flashnet.data.loader import decode_on_device
-
     scale, device = ctx.scale, ctx.device
     warmup, steps = (scale.warmup, scale.steps) if scale.smoke else data_steps(scale.warmup, scale.steps, ctx.workers)
-    on_device = config.data == "shards-gpu"
-    batches = iter(train_stream(ctx, warmup + steps, decode_on_device=on_device))
+    batches = iter(train_stream(ctx, warmup + steps, decode_on_device=config.data == "shards-gpu"))
 
     def step(_: int) -> None:
-        batch = next(batches)
-        if on_device:
-            decode_on_device(batch, scale.image_size, device)
-        else:
-            to_device(batch, device)
+        next(batches).to(device).device_images(scale.image_size, device)
 
     reset_peak_memory(device)
     seconds, timed = time_steps(step, warmup, steps, device)
