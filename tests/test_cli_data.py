@@ -209,3 +209,19 @@ def test_forcerun_train_asks_the_train_command_for_a_fresh_start(tmp_path):
                    for r in (plain, forced)]
     assert train_lines[0] and not any(" --fresh" in line for line in train_lines[0])
     assert train_lines[1] and all(" --fresh " in line for line in train_lines[1])
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_forcerun_write_shards_asks_every_conversion_job_to_rewrite(tmp_path):
+    """A forced conversion job ignores its journal (tests/data/test_journal.py); an ordinary one keeps
+    what its journal shows finished."""
+    runs = {flags: snakemake("-n", "-p", *flags, tmp_path=tmp_path)
+            for flags in ((), ("--forcerun", "write_shards"), ("-F",))}
+    lines = {}
+    for flags, result in runs.items():
+        assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+        lines[flags] = [line for line in (result.stdout + result.stderr).splitlines() if "flashnet write-shards" in line]
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert all(len(found) == 2 * config["shards"]["jobs"] for found in lines.values()), lines
+    assert not any(" --rewrite" in line for line in lines[()])
+    assert all(" --rewrite " in line for flags in (("--forcerun", "write_shards"), ("-F",)) for line in lines[flags])

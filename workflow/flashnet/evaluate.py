@@ -21,7 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from .config import ConfigError, LauncherConfig, RunConfig
 from .data.epochs import shard_paths
 from .data.loader import ValSpec, val_loader
-from .data.shards import sha256_file, verify_manifest
+from .data.checksums import sha256_file
+from .data.manifest import verify_manifest
 from .data.sources import DataError
 from .data.transforms import normalize
 from .runfolder import short_reason

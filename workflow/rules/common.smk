@@ -8,6 +8,8 @@ import flashnet.pipeline as pipeline
 config["runs"] = pipeline.expand_presets(config, workflow.basedir)
 # The conda environments (envs/*.yaml) install flashnet from here.
 os.environ.setdefault("FLASHNET_ROOT", workflow.basedir)
+# Which rules this invocation forces, for the jobs it runs on SLURM (they are told only --force).
+pipeline.pass_forced_rules(workflow)
 validate(config, "../schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
