@@ -170,27 +170,23 @@ def test_forced_rules_are_read_from_the_invocation():
     assert not pipeline.forced(types.SimpleNamespace(), "train")
 
 
-def test_forced_rules_reach_the_jobs_run_on_slurm_through_the_environment(monkeypatch):
-    """A remote job is started as `snakemake --force <job>`: it knows which rules were forced only
-    from what the main process left in the environment it inherits."""
+def test_a_forced_write_shards_reaches_its_jobs_through_the_environment(monkeypatch):
+    """A conversion job on SLURM is started as `snakemake --force <job>`: it learns that write_shards
+    was forced only from the environment it inherits from the main process."""
     def workflow(forcerun=(), forceall=False, remote=False):
         settings = types.SimpleNamespace(forcerun=frozenset(forcerun), forceall=forceall)
         return types.SimpleNamespace(dag_settings=settings, remote_exec=remote)
 
-    monkeypatch.setenv(pipeline.FORCED_RULES_ENV, "write_shards")  # left by a snakemake that started this one
-    pipeline.pass_forced_rules(workflow())
-    assert pipeline.FORCED_RULES_ENV not in os.environ
-    assert not pipeline.forced(workflow(remote=True), "write_shards")
-
-    pipeline.pass_forced_rules(workflow({"write_shards", "manifest"}))
-    assert pipeline.forced(workflow(remote=True), "write_shards") and pipeline.forced(workflow(remote=True), "manifest")
-    assert not pipeline.forced(workflow(remote=True), "train")
-    pipeline.pass_forced_rules(workflow(remote=True))  # a remote job leaves what it was passed
-    assert pipeline.forced(workflow(remote=True), "write_shards")
-    assert not pipeline.forced(workflow(), "write_shards"), "the main process goes by its own settings only"
-
-    pipeline.pass_forced_rules(workflow(forceall=True))
-    assert pipeline.forced(workflow(remote=True), "write_shards") and pipeline.forced(workflow(remote=True), "train")
+    monkeypatch.setenv(pipeline.REWRITE_SHARDS_ENV, "--rewrite")  # left by a snakemake that started this one
+    pipeline.pass_shard_rewrite(workflow({"train"}))
+    assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
+    for forcing in (workflow({"write_shards"}), workflow({"write_shards", "manifest"}), workflow(forceall=True)):
+        pipeline.pass_shard_rewrite(forcing)
+        assert os.environ[pipeline.REWRITE_SHARDS_ENV] == "--rewrite"
+        pipeline.pass_shard_rewrite(workflow(remote=True))  # the job on SLURM keeps what it was passed
+        assert os.environ[pipeline.REWRITE_SHARDS_ENV] == "--rewrite"
+        pipeline.pass_shard_rewrite(workflow())
+        assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
 def test_mlperf_settings_reach_the_train_command(config):
     assert json.loads(pipeline.mlperf_json(config)) == {"org": "flashnet", "platform": None, "status": "research",
                                                         "division": "auto"}

@@ -220,33 +220,28 @@ def refuse_run_in_progress(config: dict[str, Any], run: str) -> list[str]:
     return []
 
 
-# A job Snakemake runs elsewhere (SLURM) is a new `snakemake --force <that job>` that evaluates the
-# rule's params itself, told --force but not which rules the user forced. The main process leaves
-# them in its environment, which those jobs inherit (the SLURM executor submits with --export=ALL;
-# local jobs are its children): a space-separated list of rule names, or "*" for --forceall.
-FORCED_RULES_ENV = "FLASHNET_FORCED_RULES"
-
-
 def forced(workflow: Any, rule: str) -> bool:
-    """Whether this invocation was told to rerun ``rule`` (``--forcerun rule`` or ``--forceall``), in
-    the main process or in a job it started elsewhere (see :func:`pass_forced_rules`)."""
+    """Whether this invocation was told to rerun ``rule`` (``--forcerun rule`` or ``--forceall``).
+    Only meaningful for local rules: a job run remotely is told --force, never which rules."""
     settings = getattr(workflow, "dag_settings", None)
-    if settings and (settings.forceall or rule in set(settings.forcerun or ())):
-        return True
-    passed = os.environ.get(FORCED_RULES_ENV, "").split() if getattr(workflow, "remote_exec", False) else []
-    return "*" in passed or rule in passed
+    return bool(settings and (settings.forceall or rule in set(settings.forcerun or ())))
 
 
-def pass_forced_rules(workflow: Any) -> None:
-    """In the main process, set (or clear) :data:`FORCED_RULES_ENV` for the jobs it starts."""
-    settings = getattr(workflow, "dag_settings", None)
-    if getattr(workflow, "remote_exec", False) or settings is None:
-        return  # a remote job reads what its main process passed
-    names = "*" if settings.forceall else " ".join(sorted(settings.forcerun or ()))
-    if names:
-        os.environ[FORCED_RULES_ENV] = names
-    else:
-        os.environ.pop(FORCED_RULES_ENV, None)  # not one inherited from a snakemake that started this one
+# write_shards' shell line ends in ${FLASHNET_REWRITE_SHARDS:-}, which this sets to --rewrite when the
+# invocation forces write_shards. Not a rule param: a job on SLURM is a new `snakemake --force <job>`
+# that evaluates params itself without knowing which rules were forced, while it inherits the main
+# process's environment (the SLURM executor submits with --export=ALL; local jobs are its children);
+# and a param that differs between a forced run and the next would make that next run redo the
+# conversion jobs (Snakemake reruns a job whose params changed), then the manifests and training.
+REWRITE_SHARDS_ENV = "FLASHNET_REWRITE_SHARDS"
+
+
+def pass_shard_rewrite(workflow: Any) -> None:
+    """In the main process, set :data:`REWRITE_SHARDS_ENV` for the conversion jobs it starts."""
+    if getattr(workflow, "remote_exec", False):
+        return  # a job on SLURM keeps what its main process passed
+    # Set empty rather than removed otherwise: nothing inherited from a snakemake that started this one.
+    os.environ[REWRITE_SHARDS_ENV] = "--rewrite" if forced(workflow, "write_shards") else ""
 
 
 def executor_name(workflow: Any) -> str | None:

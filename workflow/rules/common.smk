@@ -8,8 +8,6 @@ import flashnet.pipeline as pipeline
 config["runs"] = pipeline.expand_presets(config, workflow.basedir)
 # The conda environments (envs/*.yaml) install flashnet from here.
 os.environ.setdefault("FLASHNET_ROOT", workflow.basedir)
-# Which rules this invocation forces, for the jobs it runs on SLURM (they are told only --force).
-pipeline.pass_forced_rules(workflow)
 validate(config, "../schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
@@ -25,3 +23,9 @@ wildcard_constraints:
 
 def final_outputs():
     return pipeline.final_outputs(config)
+
+
+# --forcerun write_shards (or -F): every conversion job rewrites its shards, also on SLURM. Set when
+# execution starts, before any job: which rules are forced is not known yet while this file is read.
+onstart:
+    pipeline.pass_shard_rewrite(workflow)

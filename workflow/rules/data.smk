@@ -57,8 +57,6 @@ rule write_shards:
     params:
         parts=config["shards"]["jobs"],
         options=pipeline.shard_options(config),
-        # --forcerun write_shards (or -F): write every shard again, not only what the journal lacks.
-        rewrite=lambda wildcards: "--rewrite" if pipeline.forced(workflow, "write_shards") else "",
     conda:
         "../../envs/data.yaml"
     resources:
@@ -66,7 +64,8 @@ rule write_shards:
         mem_mb=4000,
     shell:
         "flashnet write-shards {input.index:q} --part {wildcards.part} --parts {params.parts} {params.options}"
-        " {params.rewrite} --out {output:q} > {log:q} 2>&1"
+        # --rewrite when this invocation forces write_shards (flashnet/pipeline.py, pass_shard_rewrite)
+        " ${{FLASHNET_REWRITE_SHARDS:-}} --out {output:q} > {log:q} 2>&1"
 
 
 rule manifest:
