@@ -14,6 +14,7 @@ import pytest
 
 from flashnet.config import RunConfig
 from flashnet.data import sample, shards, sources
+from flashnet.data.manifest import build_manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ def build_shards(data_dir: Path, out: Path, samples_per_shard: int = 32) -> None
         split_dir = out / split
         shards.save_index(shards.shuffled(index, 0), data_dir, samples_per_shard, 0, split_dir / "index.json")
         shards.write_part(split_dir / "index.json", 0, 1, split_dir / "parts" / "0.json", None, 90)
-        shards.build_manifest(split_dir / "index.json", [split_dir / "parts" / "0.json"], split_dir / "manifest.json", 0)
+        build_manifest(split_dir / "index.json", [split_dir / "parts" / "0.json"], split_dir / "manifest.json", 0)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from flashnet import cli
+from flashnet.data import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -209,3 +210,35 @@ def test_forcerun_train_asks_the_train_command_for_a_fresh_start(tmp_path):
                    for r in (plain, forced)]
     assert train_lines[0] and not any(" --fresh" in line for line in train_lines[0])
     assert train_lines[1] and all(" --fresh " in line for line in train_lines[1])
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_forcerun_write_shards_rewrites_every_shard_and_the_next_run_nothing(tmp_path):
+    """The data stage of a tiny dataset, run for real three times: a forced rerun (--forcerun
+    write_shards, -F alike) writes every shard again (new files), the next plain run finds nothing
+    to do (the flag is no rule param, whose change would rerun the jobs)."""
+    data_dir = tmp_path / "data"
+    sample.write_sample_data(data_dir, sample.SampleSpec(classes=2, train_per_class=8, val_per_class=4, min_side=40,
+                                                         max_side=60, seed=1))
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump({"data_dir": str(data_dir), "shards": {"samples_per_shard": 4, "jobs": 2}}))
+
+    def data_stage(*flags):
+        result = snakemake("--cores", "1", "--until", "manifest", "--configfile", str(settings), *flags,
+                           tmp_path=tmp_path)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout + result.stderr
+
+    def shard_files():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "results").rglob("*.tar")}
+
+    data_stage()
+    first = shard_files()
+    assert len(first) == 6  # 16 train and 8 val images, 4 a shard
+    output = data_stage("--forcerun", "write_shards")
+    forced = shard_files()
+    assert forced.keys() == first.keys() and all(forced[name] != first[name] for name in first)
+    logs = sorted((tmp_path / "results" / "logs" / "write_shards").glob("*.log"))
+    assert len(logs) == 4 and all("forced rerun (--rewrite)" in log.read_text() for log in logs), output[-2000:]
+    assert "flashnet write-shards" not in data_stage("-p")  # nothing to do: no job ran
+    assert shard_files() == forced

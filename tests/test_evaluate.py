@@ -13,7 +13,7 @@ import torchvision
 
 from flashnet import evaluate
 from flashnet.data.transforms import center_crop_box, decode_crop, normalize
-from flashnet.data.shards import read_shard_samples
+from flashnet.data.manifest import read_shard_samples
 from flashnet.data.sources import DataError
 from flashnet.train.callbacks import StopRequest
 from flashnet.train.recipe import TrainSpec, train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -167,6 +168,25 @@ def test_forced_rules_are_read_from_the_invocation():
     assert pipeline.forced(workflow({"train"}), "train") and pipeline.forced(workflow(forceall=True), "train")
     assert not pipeline.forced(workflow({"write_shards"}), "train") and not pipeline.forced(workflow(), "train")
     assert not pipeline.forced(types.SimpleNamespace(), "train")
+
+
+def test_a_forced_write_shards_reaches_its_jobs_through_the_environment(monkeypatch):
+    """A conversion job on SLURM is started as `snakemake --force <job>`: it learns that write_shards
+    was forced only from the environment it inherits from the main process."""
+    def workflow(forcerun=(), forceall=False, remote=False):
+        settings = types.SimpleNamespace(forcerun=frozenset(forcerun), forceall=forceall)
+        return types.SimpleNamespace(dag_settings=settings, remote_exec=remote)
+
+    monkeypatch.setenv(pipeline.REWRITE_SHARDS_ENV, "--rewrite")  # left by a snakemake that started this one
+    pipeline.pass_shard_rewrite(workflow({"train"}))
+    assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
+    for forcing in (workflow({"write_shards"}), workflow({"write_shards", "manifest"}), workflow(forceall=True)):
+        pipeline.pass_shard_rewrite(forcing)
+        assert os.environ[pipeline.REWRITE_SHARDS_ENV] == "--rewrite"
+        pipeline.pass_shard_rewrite(workflow(remote=True))  # the job on SLURM keeps what it was passed
+        assert os.environ[pipeline.REWRITE_SHARDS_ENV] == "--rewrite"
+        pipeline.pass_shard_rewrite(workflow())
+        assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
 def test_mlperf_settings_reach_the_train_command(config):
     assert json.loads(pipeline.mlperf_json(config)) == {"org": "flashnet", "platform": None, "status": "research",
                                                         "division": "auto"}

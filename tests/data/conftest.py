@@ -30,6 +30,7 @@ import pytest
 from scipy.io import loadmat
 
 from flashnet.data import sample, shards, sources
+from flashnet.data.manifest import build_manifest, read_shard_samples
 
 SPEC = sample.SampleSpec(classes=4, train_per_class=8, val_per_class=3, min_side=40, max_side=80, quality=90,
                          odd_files=True, seed=0)
@@ -103,8 +104,8 @@ class Stage:
                                   self.quality) for p in parts]
 
     def manifest(self, split: str) -> dict[str, Any]:
-        return shards.build_manifest(self.index_path(split), self.part_paths(split), self.manifest_path(split),
-                                     self.max_rejected)
+        return build_manifest(self.index_path(split), self.part_paths(split), self.manifest_path(split),
+                              self.max_rejected)
 
     def run(self, split: str) -> dict[str, Any]:
         self.index(split)
@@ -119,7 +120,7 @@ class Stage:
 
     def samples(self, split: str) -> list[tuple[str, dict[str, bytes]]]:
         """Every (key, fields) of the split's shards, in shard order."""
-        return [item for path in self.shard_paths(split) for item in shards.read_shard_samples(path)]
+        return [item for path in self.shard_paths(split) for item in read_shard_samples(path)]
 
 
 @pytest.fixture

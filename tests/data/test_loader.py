@@ -22,6 +22,7 @@ import webdataset as wds
 from flashnet.data import loader, sample, shards, sources, tarfiles
 from flashnet.data.batch import Batch
 from flashnet.data.epochs import TrainSamples, shard_paths
+from flashnet.data.manifest import build_manifest, read_shard_samples
 
 pytestmark = [
     # Three loader workers on this two-core machine are the point of some tests.
@@ -55,10 +56,10 @@ def build_split(data_dir: Path, out: Path, split: str, samples_per_shard: int) -
     part.parent.mkdir()
     shards.write_part(index_path, 0, 1, part, max_side=None, quality=90)
     manifest_path = folder / "manifest.json"
-    manifest = shards.build_manifest(index_path, [part], manifest_path, max_rejected=0)
+    manifest = build_manifest(index_path, [part], manifest_path, max_rejected=0)
     paths = shard_paths(manifest_path, manifest)
     samples = {key: (fields["jpg"], int(fields["cls"])) for path in paths
-               for key, fields in shards.read_shard_samples(Path(path))}
+               for key, fields in read_shard_samples(Path(path))}
     return Split(paths, tuple(s["samples"] for s in manifest["shards"]), samples,
                  TrainSamples.from_manifest(manifest_path, manifest))
 

@@ -119,7 +119,7 @@ def test_ilsvrc_ids_are_not_in_sorted_wnid_order():
         classes = sample.sample_classes(sample.SampleSpec(classes=4, seed=seed))
         by_id = [c.wnid for c in sorted(classes, key=lambda c: c.ilsvrc_id)]
         assert by_id != sorted(by_id), seed
-        assert all(sources._WNID.fullmatch(w) for w in by_id)
+        assert all(sources.WNID.fullmatch(w) for w in by_id)
 
 
 def test_kaggle_metadata_files(sample_root, kit):

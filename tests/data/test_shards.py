@@ -4,16 +4,12 @@ input, verification that notices damage, and conversion jobs that survive being 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -23,7 +19,8 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from flashnet.data import shards, sources, tarfiles
+from flashnet.data import shards, sources
+from flashnet.data.manifest import read_shard_samples
 from flashnet.data.sources import DataError
 
 LAYOUTS = ("official", "extracted", "kaggle")
@@ -86,7 +83,7 @@ def test_another_seed_gives_another_order_of_the_same_samples(official_results, 
 
 def test_every_shard_mixes_classes(official_results):
     for path in official_results.shard_paths("train"):
-        labels = [int(fields["cls"]) for _, fields in shards.read_shard_samples(path)]
+        labels = [int(fields["cls"]) for _, fields in read_shard_samples(path)]
         assert len(labels) == 8 and len(set(labels)) >= 3, (path.name, labels)
 
 
@@ -116,7 +113,7 @@ def test_shards_are_the_bytes_tarfile_writes(official_results):
     path = official_results.shard_paths("train")[0]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w|") as tar:
-        for key, fields in shards.read_shard_samples(path):
+        for key, fields in read_shard_samples(path):
             for extension in sorted(fields):
                 info = tarfile.TarInfo(f"{key}.{extension}")
                 info.size, info.mtime, info.mode, info.uname, info.gname = len(fields[extension]), 0, 0o444, "", ""
@@ -337,367 +334,6 @@ def test_max_side_reencodes_only_larger_images(layout_copy, stage, sample_root):
             assert abs(image.size[0] / image.size[1] - original[0] / original[1]) < 0.05, key
         elif key not in converted:
             assert fields["jpg"] == source[key], key
-
-
-# --------------------------------------------------------------------------- manifest and verification
-
-
-def test_manifest_accounts_for_every_input(official_results):
-    for split in sources.SPLITS:
-        manifest = json.loads(official_results.manifest_path(split).read_text())
-        keys = [key for key, _ in official_results.samples(split)]
-        assert manifest["samples"] == len(keys) == len(set(keys)) == sum(s["samples"] for s in manifest["shards"])
-        assert manifest["samples"] + len(manifest["rejected"]) == manifest["found"] == manifest["expected"]
-        assert {item["key"] for item in manifest["converted"]} <= set(keys)
-        assert (manifest["classes"], manifest["wnids"]) == (4, sorted(manifest["wnids"]))
-        assert [s["name"] for s in manifest["shards"]] == [f"{split}-{i:06d}.tar" for i in range(SHARD_COUNT[split])]
-        for shard, path in zip(manifest["shards"], official_results.shard_paths(split)):
-            assert shard["bytes"] == path.stat().st_size and shard["sha256"] == shards.sha256_file(path)
-        assert shards.verify_manifest(official_results.manifest_path(split), full=True) == manifest
-
-
-@pytest.fixture
-def shard_copy(official_results, tmp_path):
-    """A copy of the official train shards and manifest, to damage."""
-    dest = tmp_path / "train"
-    shutil.copytree(official_results.shard_dir("train"), dest)
-    return dest
-
-
-def test_manifest_records_each_samples_byte_range(official_results):
-    """sample-ranges.npy: one [start, end) per sample in shard order; each range read from its
-    shard holds that sample (keys and bytes as tarfile reads them)."""
-    for split in sources.SPLITS:
-        path = official_results.manifest_path(split)
-        manifest = shards.verify_manifest(path, full=True)
-        ranges = shards.load_sample_ranges(path, manifest)
-        assert ranges.shape == (manifest["samples"], 2)
-        assert manifest["sample_ranges"]["name"] == "sample-ranges.npy"
-        position = 0
-        for shard, shard_path in zip(manifest["shards"], official_results.shard_paths(split)):
-            data = shard_path.read_bytes()
-            for (key, fields), (start, end) in zip(shards.read_shard_samples(shard_path),
-                                                   ranges[position:position + shard["samples"]], strict=True):
-                [sample] = tarfiles.tar_samples(io.BytesIO(data[start:end]), str(shard_path))
-                assert (sample["__key__"], sample["jpg"], sample["cls"]) == (key, fields["jpg"], fields["cls"])
-            position += shard["samples"]
-
-
-def test_a_format_1_manifest_is_refused_with_the_command_that_rewrites_it(shard_copy):
-    path = shard_copy / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["format"] = "flashnet-manifest/1"
-    del manifest["sample_ranges"]
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="manifest.json: written by an older flashnet.*snakemake --forcerun manifest"):
-        shards.verify_manifest(path)
-
-
-def test_verify_manifest_catches_missing_or_changed_sample_ranges(shard_copy):
-    ranges = shard_copy / "sample-ranges.npy"
-    with open(ranges, "r+b") as f:
-        f.seek(-1, 2)
-        last = f.read(1)
-        f.seek(-1, 2)
-        f.write(bytes([last[0] ^ 1]))
-    shards.verify_manifest(shard_copy / "manifest.json")  # same size
-    with pytest.raises(DataError, match="sample-ranges.npy: differs from what the manifest recorded"):
-        shards.verify_manifest(shard_copy / "manifest.json", full=True)
-    ranges.unlink()
-    with pytest.raises(DataError, match="lists sample ranges 'sample-ranges.npy', which are missing"):
-        shards.verify_manifest(shard_copy / "manifest.json")
-
-
-def test_verify_manifest_catches_a_missing_shard(shard_copy):
-    (shard_copy / "train-000002.tar").unlink()
-    with pytest.raises(DataError, match=r"manifest.json: lists train-000002.tar, which is missing"):
-        shards.verify_manifest(shard_copy / "manifest.json")
-
-
-def test_verify_manifest_catches_a_shard_of_the_wrong_size(shard_copy):
-    path = shard_copy / "train-000001.tar"
-    size = path.stat().st_size
-    with open(path, "ab") as f:
-        f.write(b"\0" * 512)
-    with pytest.raises(DataError, match=rf"train-000001.tar: {size + 512} bytes, the manifest says {size}"):
-        shards.verify_manifest(shard_copy / "manifest.json")
-
-
-def test_verify_manifest_full_catches_a_changed_byte(shard_copy):
-    path = shard_copy / "train-000003.tar"
-    data = bytearray(path.read_bytes())
-    data[2000] ^= 0x01  # inside the first image, same size
-    path.write_bytes(bytes(data))
-    shards.verify_manifest(shard_copy / "manifest.json")  # sizes alone cannot tell
-    with pytest.raises(DataError, match=r"train-000003.tar: sha256 differs from .*manifest.json"):
-        shards.verify_manifest(shard_copy / "manifest.json", full=True)
-
-
-def test_verify_manifest_catches_accounting_that_does_not_add_up(shard_copy):
-    path = shard_copy / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["found"] += 1
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="samples \\+ rejected != found"):
-        shards.verify_manifest(path)
-    with pytest.raises(DataError, match="manifest missing"):
-        shards.verify_manifest(shard_copy / "nothing.json")
-
-
-def test_build_manifest_catches_a_shard_changed_after_its_job(official_results, sample_root, stage):
-    run = stage(sample_root / "official")
-    run.index("val")
-    run.write("val")
-    path = run.shard_dir("val") / "val-000001.tar"
-    data = bytearray(path.read_bytes())
-    data[1500] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"val-000001.tar: sha256 differs from what its conversion job recorded"):
-        run.manifest("val")
-
-
-def test_an_input_gone_after_indexing_stops_the_job_naming_it_and_leaves_no_shard(layout_copy, stage):
-    data_dir = layout_copy("extracted")
-    run = stage(data_dir)
-    run.index("val")
-    plan = shards.load_plan(run.index_path("val"))
-    gone = data_dir / plan.index.files[plan.index.file_ids[0]]  # the first sample of the first shard
-    gone.unlink()
-    with pytest.raises(DataError, match=rf"{gone}: cannot be read \(No such file or directory\)"):
-        run.write("val")
-    assert not list(run.shard_dir("val").glob("*.tar*")) and not list(run.shard_dir("val").glob(".*"))
-
-
-def test_build_manifest_needs_every_jobs_record(official_results, sample_root, stage):
-    run = stage(sample_root / "official")
-    run.index("train")
-    run.write("train", part=0)
-    with pytest.raises(DataError, match="no conversion job wrote train-000002.tar, train-000003.tar"):
-        shards.build_manifest(run.index_path("train"), run.part_paths("train")[:1], run.manifest_path("train"), 10)
-
-
-# --------------------------------------------------------------------------- interrupted jobs
-
-# Runs `flashnet write-shards` in a child process that SIGKILLs itself at a chosen moment:
-# at the Nth call of a function of flashnet.data.shards, or right after a given shard is renamed
-# to its final name (the moment between "the shard is complete" and "the journal says so").
-KILLER = r"""
-import os, signal, sys
-from flashnet import cli
-from flashnet.data import shards
-
-how, what = sys.argv[1], sys.argv[2]
-if how == "call":
-    name, n = what.split(":")
-    real, calls = getattr(shards, name), []
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    setattr(shards, name, dying)
-else:
-    real_replace = os.replace
-    def replace(src, dst, **kwargs):
-        real_replace(src, dst, **kwargs)
-        if os.path.basename(dst) == what:
-            os.kill(os.getpid(), signal.SIGKILL)
-    os.replace = replace
-sys.exit(cli.main(sys.argv[3:]))
-"""
-
-
-def killed_write(run, split: str, part: int, how: str, what: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", KILLER, how, what, "write-shards", str(run.index_path(split)),
-               "--part", str(part), "--parts", str(run.parts), "--out", str(run.part_paths(split)[part]),
-               "--quality", str(run.quality)]
-    if run.max_side is not None:
-        command += ["--max-side", str(run.max_side)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr
-    return result
-
-
-@pytest.fixture
-def rewrites(monkeypatch):
-    """The shards write_shard (re)writes in this process, in order."""
-    written = []
-    real = shards.write_shard
-
-    def spy(plan, shard, *args, **kwargs):
-        written.append(plan.shard_name(shard))
-        return real(plan, shard, *args, **kwargs)
-
-    monkeypatch.setattr(shards, "write_shard", spy)
-    return written
-
-
-def identity(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns
-
-
-def journal_path(run, split: str, part: int) -> Path:
-    return run.shard_dir(split) / "parts" / f"{part}.journal.jsonl"
-
-
-def test_job_killed_mid_shard_leaves_no_final_name_and_the_rerun_redoes_only_the_rest(
-        official_results, sample_root, stage, rewrites):
-    run = stage(sample_root / "official")
-    run.index("train")
-    killed_write(run, "train", 0, "call", "prepare_image:11")  # the 3rd image of the job's 2nd shard
-    shard_dir = run.shard_dir("train")
-    assert sorted(p.name for p in shard_dir.glob("train-*.tar")) == ["train-000000.tar"]
-    leftovers = [p.name for p in shard_dir.glob(".train-000001.tar.tmp-*")]
-    assert len(leftovers) == 1  # the half-written shard, under a name no reader takes for a shard
-    assert not run.part_paths("train")[0].exists()
-    first = identity(shard_dir / "train-000000.tar")
-
-    run.write("train")
-    assert rewrites == ["train-000001.tar", "train-000002.tar", "train-000003.tar"]
-    assert identity(shard_dir / "train-000000.tar") == first
-    assert not list(shard_dir.glob(".*tmp*")), "the rerun clears the killed job's temporary file"
-    assert run.digests("train") == official_results.digests("train")
-    assert run.manifest("train") == json.loads(official_results.manifest_path("train").read_text())
-
-
-def test_job_killed_between_rename_and_journal_rewrites_that_shard(official_results, sample_root, stage, rewrites):
-    run = stage(sample_root / "official")
-    run.index("train")
-    killed_write(run, "train", 1, "rename", "train-000002.tar")
-    assert (run.shard_dir("train") / "train-000002.tar").exists()
-    run.write("train", part=1)
-    assert rewrites == ["train-000002.tar", "train-000003.tar"]
-    run.write("train", part=0)
-    assert run.digests("train") == official_results.digests("train")
-    run.manifest("train")
-
-
-def test_rerun_after_a_finished_job_rewrites_nothing(official_results, sample_root, stage, rewrites):
-    run = stage(sample_root / "official")
-    run.run("train")
-    before = {p.name: identity(p) for p in run.shard_paths("train")}
-    rewrites.clear()
-    run.write("train")
-    assert rewrites == []
-    assert {p.name: identity(p) for p in run.shard_paths("train")} == before
-
-
-def test_forcerun_rewrites_a_shard_damaged_since_its_journal_line(official_results, sample_root, stage, rewrites):
-    """Issue 14, case 2: `--forcerun write_shards` deletes the parts' outputs and reruns them; the
-    journal kept every shard whose size matched, a damaged one included. It now keeps only shards
-    whose sha256 is the one it recorded (a rerun after a lost Snakemake must still keep those)."""
-    run = stage(sample_root / "official")
-    run.run("train")
-    damaged = run.shard_dir("train") / "train-000001.tar"
-    data = bytearray(damaged.read_bytes())
-    data[2000] ^= 0x01
-    damaged.write_bytes(bytes(data))
-    for path in run.part_paths("train"):
-        path.unlink()  # what Snakemake does to a forced job's outputs before running it
-    rewrites.clear()
-    run.write("train")
-    assert rewrites == ["train-000001.tar"]
-    assert run.digests("train") == official_results.digests("train")
-    run.manifest("train")
-
-
-def test_shards_converted_by_an_older_conversion_are_rewritten(official_results, sample_root, stage, rewrites):
-    run = stage(sample_root / "official")
-    run.run("train")
-    for journal in (run.shard_dir("train") / "parts").glob("*.journal.jsonl"):
-        lines = [json.loads(line) for line in journal.read_text().splitlines()]
-        for line in lines:
-            line.get("settings", {}).pop("conversion", None)  # as journals written before it existed
-        journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    rewrites.clear()
-    run.write("train")
-    assert rewrites == [p.name for p in run.shard_paths("train")]
-
-
-def test_journal_line_cut_short_by_a_kill_is_dropped_and_later_lines_count(official_results, sample_root, stage,
-                                                                           rewrites):
-    run = stage(sample_root / "official")
-    run.index("train")
-    run.write("train", part=0)
-    (run.shard_dir("train") / "train-000001.tar").unlink()
-    with open(journal_path(run, "train", 0), "a") as f:
-        f.write('{"bytes": 40960, "name": "train-0000')  # the kill came mid-line
-    rewrites.clear()
-    run.write("train", part=0)
-    assert rewrites == ["train-000001.tar"]
-    run.write("train", part=0)
-    assert rewrites == ["train-000001.tar"], "the record after the torn line must be read"
-    lines = journal_path(run, "train", 0).read_text().splitlines()
-    assert all(json.loads(line) for line in lines)
-
-
-def test_a_second_job_of_a_part_waits_for_the_first_and_rewrites_nothing(official_results, sample_root, stage,
-                                                                        rewrites, monkeypatch):
-    """A rerun's job of a part that a killed Snakemake's job still converts (its lock held) waits,
-    then finds every shard in the journal."""
-    run = stage(sample_root / "official")
-    run.index("train")
-    lock_path = run.part_paths("train")[0].with_name("0.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # the first job, mid-part
-        second = subprocess.Popen(
-            [sys.executable, "-m", "flashnet", "write-shards", str(run.index_path("train")), "--part", "0",
-             "--parts", str(run.parts), "--out", str(run.part_paths("train")[0]), "--quality", str(run.quality)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        waiting = second.stdout.readline()
-        assert "another job is converting this part; waiting for it to end" in waiting, waiting
-        assert second.poll() is None and not list(run.shard_dir("train").glob("*.tar"))
-        with monkeypatch.context() as first_job:  # it holds the lock already (above)
-            first_job.setattr(shards, "_part_lock", lambda path: contextlib.nullcontext())
-            run.write("train", part=0)
-    first = {p.name: identity(p) for p in run.shard_dir("train").glob("*.tar")}
-    output, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, output
-    assert rewrites == ["train-000000.tar", "train-000001.tar"]  # the first job's, in this process
-    assert {p.name: identity(p) for p in run.shard_dir("train").glob("*.tar")} == first
-
-
-def test_a_journal_made_with_other_settings_does_not_skip(official_results, sample_root, stage, rewrites):
-    run = stage(sample_root / "official")
-    run.run("train")
-    rewrites.clear()
-    smaller = stage(sample_root / "official", max_side=50)  # same folders, other settings
-    smaller.write("train")
-    assert rewrites == [f"train-{i:06d}.tar" for i in range(4)]
-    assert smaller.manifest("train")["resized"] > 0
-    assert all(a != b for a, b in zip(smaller.digests("train").values(), official_results.digests("train").values()))
-
-
-def test_switching_settings_back_rewrites_shards_of_the_same_size(official_results, sample_root, stage, rewrites):
-    """quality changes only the three converted images, so the shards keep their (512-byte padded)
-    sizes: after 90 → 20 → 90 the journal's old records for quality 90 match the settings and the
-    sizes, but the files hold quality 20. Only the newest journal line about a shard may count."""
-    run = stage(sample_root / "official")
-    run.run("train")
-    low = stage(sample_root / "official", quality=20)
-    low.write("train")
-    changed = [n for n, d in low.digests("train").items() if d != official_results.digests("train")[n]]
-    assert changed and all((run.shard_dir("train") / n).stat().st_size ==
-                           (official_results.shard_dir("train") / n).stat().st_size for n in changed)
-    rewrites.clear()
-    run.write("train")
-    assert set(changed) <= set(rewrites)
-    assert run.digests("train") == official_results.digests("train")
-    run.manifest("train")
-
-
-def test_killed_rewrite_with_other_settings_does_not_leave_a_stale_shard(official_results, sample_root, stage):
-    run = stage(sample_root / "official")
-    run.run("train")
-    low = stage(sample_root / "official", quality=20)
-    # train-000000.tar holds a converted image, so quality 20 changes its bytes (not its size).
-    killed_write(low, "train", 0, "rename", "train-000000.tar")
-    assert run.digests("train")["train-000000.tar"] != official_results.digests("train")["train-000000.tar"]
-    run.write("train")
-    assert run.digests("train") == official_results.digests("train")
-    run.manifest("train")
 
 
 # --------------------------------------------------------------------------- every mode PIL opens

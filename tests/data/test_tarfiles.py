@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flashnet.data import tarfiles
-from flashnet.data.shards import read_shard_samples
+from flashnet.data.manifest import read_shard_samples
 
 
 def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from flashnet.data.shards import sha256_file
+from flashnet.data.checksums import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -35,25 +35,26 @@ def _index(args) -> None:
 def _write_shards(args) -> None:
     from .data import shards
 
-    result = shards.write_part(args.index, args.part, args.parts, args.out, args.max_side, args.quality, args.check)
+    result = shards.write_part(args.index, args.part, args.parts, args.out, args.max_side, args.quality, args.check,
+                               rewrite=args.rewrite)
     records = result["shards"]
     print(f"part {args.part}/{args.parts}: {len(records)} shards, {sum(r['samples'] for r in records)} samples, "
           f"{sum(len(r['converted']) for r in records)} converted, {sum(len(r['rejected']) for r in records)} rejected")
 
 
 def _manifest(args) -> None:
-    from .data import shards
+    from .data.manifest import build_manifest
 
-    manifest = shards.build_manifest(args.index, args.parts, args.out, args.max_rejected)
+    manifest = build_manifest(args.index, args.parts, args.out, args.max_rejected)
     print(f"{manifest['split']}: {manifest['samples']} samples in {len(manifest['shards'])} shards verified; "
           f"{len(manifest['converted'])} converted, {len(manifest['rejected'])} rejected → {args.out}")
 
 
 def _verify_shards(args) -> None:
-    from .data import shards
+    from .data.manifest import verify_manifest
 
     for path in args.manifest:
-        manifest = shards.verify_manifest(path, full=args.full)
+        manifest = verify_manifest(path, full=args.full)
         print(f"{path}: {manifest['samples']} samples in {len(manifest['shards'])} shards OK")
 
 
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--check", choices=["decode", "header"], default="decode",
                    help="decode every image (default) or read headers and end markers only")
+    p.add_argument("--rewrite", action="store_true",
+                   help="write every shard of the part again, whatever its journal says (--forcerun write_shards)")
     p.set_defaults(func=_write_shards)
 
     p = commands.add_parser("manifest", help="verify all shards of a split and write its manifest")

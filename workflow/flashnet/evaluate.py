@@ -19,7 +19,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from .config import ConfigError, LauncherConfig, RunConfig
 from .data.epochs import shard_paths
 from .data.loader import ValSpec, val_loader
-from .data.shards import sha256_file, verify_manifest
+from .data.checksums import sha256_file
+from .data.manifest import verify_manifest
 from .data.sources import DataError
 from .runfolder import short_reason
 from .train import launch

@@ -6,6 +6,7 @@ Kept here rather than in the .smk files so the rules stay declarative and pytest
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,23 @@ def forced(workflow: Any, rule: str) -> bool:
     Only meaningful for local rules: a job run remotely is told --force, never which rules."""
     settings = getattr(workflow, "dag_settings", None)
     return bool(settings and (settings.forceall or rule in set(settings.forcerun or ())))
+
+
+# write_shards' shell line ends in ${FLASHNET_REWRITE_SHARDS:-}, which this sets to --rewrite when the
+# invocation forces write_shards. Not a rule param: a job on SLURM is a new `snakemake --force <job>`
+# that evaluates params itself without knowing which rules were forced, while it inherits the main
+# process's environment (the SLURM executor submits with --export=ALL; local jobs are its children);
+# and a param that differs between a forced run and the next would make that next run redo the
+# conversion jobs (Snakemake reruns a job whose params changed), then the manifests and training.
+REWRITE_SHARDS_ENV = "FLASHNET_REWRITE_SHARDS"
+
+
+def pass_shard_rewrite(workflow: Any) -> None:
+    """In the main process, set :data:`REWRITE_SHARDS_ENV` for the conversion jobs it starts."""
+    if getattr(workflow, "remote_exec", False):
+        return  # a job on SLURM keeps what its main process passed
+    # Set empty rather than removed otherwise: nothing inherited from a snakemake that started this one.
+    os.environ[REWRITE_SHARDS_ENV] = "--rewrite" if forced(workflow, "write_shards") else ""
 
 
 def executor_name(workflow: Any) -> str | None:

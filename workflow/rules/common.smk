@@ -23,3 +23,9 @@ wildcard_constraints:
 
 def final_outputs():
     return pipeline.final_outputs(config)
+
+
+# --forcerun write_shards (or -F): every conversion job rewrites its shards, also on SLURM. Set when
+# execution starts, before any job: which rules are forced is not known yet while this file is read.
+onstart:
+    pipeline.pass_shard_rewrite(workflow)

@@ -64,6 +64,7 @@ from flashnet.bench import write_report
 from flashnet.bench.revision import RevisionError, RevisionWorker, exported
 from flashnet.data import loader, sample, shards, sources
 from flashnet.data.epochs import TrainSamples
+from flashnet.data.manifest import MANIFEST_FORMAT, build_manifest, verify_manifest
 from flashnet.machine import cpu_model
 
 SAMPLES_PER_SHARD = 100
@@ -122,7 +123,7 @@ def prepare_data(args: argparse.Namespace, workdir: Path) -> BenchData:
     data_dir, shard_dir = workdir / "images", workdir / "shards"
     stamp = workdir / "settings.json"
     # The manifest format too: a workdir from before sample byte ranges is rebuilt.
-    settings = json.dumps({**dataclasses.asdict(spec), "manifest": shards.MANIFEST_FORMAT}, sort_keys=True)
+    settings = json.dumps({**dataclasses.asdict(spec), "manifest": MANIFEST_FORMAT}, sort_keys=True)
     manifest_path = shard_dir / "manifest.json"
     if not (stamp.exists() and stamp.read_text() == settings and manifest_path.exists()):
         stamp.unlink(missing_ok=True)
@@ -134,9 +135,9 @@ def prepare_data(args: argparse.Namespace, workdir: Path) -> BenchData:
         part = shard_dir / "parts" / "0.json"
         part.parent.mkdir(exist_ok=True)
         shards.write_part(index_path, 0, 1, part, max_side=None, quality=spec.quality)
-        shards.build_manifest(index_path, [part], manifest_path, max_rejected=0)
+        build_manifest(index_path, [part], manifest_path, max_rejected=0)
         stamp.write_text(settings)
-    manifest = shards.verify_manifest(manifest_path)
+    manifest = verify_manifest(manifest_path)
     folder = data_dir / "train"
     jpegs = [path.read_bytes() for path in sorted(folder.glob("*/*.JPEG"))]
     return BenchData(folder, TrainSamples.from_manifest(manifest_path, manifest), jpegs)

@@ -17,6 +17,7 @@ that off every later run:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -24,11 +25,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text
 from .sources import DataError
 
 CACHE_SUFFIX = ".verified.json"
 RACY_WINDOW_S = 2.0
 MAX_THREADS = 8
+
+
+def sha256_file(path: str | Path) -> str:
+    """The one hash of a file for the shard writer, the journal, the manifest and this check."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_path(manifest_path: Path) -> Path:
@@ -49,20 +60,16 @@ def _load_cache(path: Path) -> dict[str, Any]:
 
 
 def _save_cache(path: Path, cache: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(cache, sort_keys=True))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(cache, sort_keys=True))
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only shard folder: verification still holds, uncached
+        pass  # a read-only shard folder: verification still holds, uncached
 
 
 def verify_checksums(manifest_path: str | Path, manifest: dict[str, Any], threads: int | None = None) -> int:
     """Check every shard the manifest lists against its sha256; return how many were read.
 
     Raises :class:`DataError` naming the first damaged shard and the remedy."""
-    from .shards import sha256_file  # one hash function for the writer, the manifest and this
-
     manifest_path = Path(manifest_path)
     shard_dir = manifest_path.parent
     cache_file = cache_path(manifest_path)

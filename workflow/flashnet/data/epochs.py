@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .shards import load_sample_ranges
+from .manifest import load_sample_ranges
 from .tarfiles import sample_byte_ranges
 
 if TYPE_CHECKING:

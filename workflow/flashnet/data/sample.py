@@ -9,6 +9,7 @@ train set holds (a CMYK JPEG, a PNG named .JPEG, a greyscale JPEG). Same seed, s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import atomic_path, write_bytes
 from . import sources
 
 LAYOUTS = ("official", "extracted", "kaggle")
@@ -265,9 +267,7 @@ def _devkit(classes: list[SampleClass], train_counts: dict[str, int], val: list[
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes(path, data)
 
 
 def claim_folder(out: Path) -> None:
@@ -294,50 +294,52 @@ def write_sample_data(out: str | Path, spec: SampleSpec, layouts=("official",)) 
     classes = sample_classes(spec)
     train_counts = {}
 
-    official_train = None
-    if "official" in roots:
-        roots["official"].mkdir(parents=True, exist_ok=True)
-        official_train = tarfile.open(roots["official"] / (sources.OFFICIAL_TRAIN + ".tmp"), "w")
-    for cls in sorted(classes, key=lambda c: c.wnid):
-        inner = io.BytesIO()
-        with tarfile.open(fileobj=inner, mode="w") as inner_tar:
-            count = 0
-            for image in train_images(spec, cls):
-                name = f"{image.key}.JPEG"
-                inner_tar.addfile(*_tar_bytes(name, image.data))
-                if "extracted" in roots:
-                    _write(roots["extracted"] / "train" / cls.wnid / name, image.data)
-                if "kaggle" in roots:
-                    _write(roots["kaggle"] / sources.KAGGLE_ROOT / "train" / cls.wnid / name, image.data)
-                count += 1
-        train_counts[cls.wnid] = count
+    with contextlib.ExitStack() as pending:
+        official_train = None
+        if "official" in roots:
+            roots["official"].mkdir(parents=True, exist_ok=True)
+            # Renamed to its final name when the stack closes, after everything else is written.
+            train_tmp = pending.enter_context(atomic_path(roots["official"] / sources.OFFICIAL_TRAIN))
+            official_train = pending.enter_context(tarfile.open(train_tmp, "w"))
+        for cls in sorted(classes, key=lambda c: c.wnid):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as inner_tar:
+                count = 0
+                for image in train_images(spec, cls):
+                    name = f"{image.key}.JPEG"
+                    inner_tar.addfile(*_tar_bytes(name, image.data))
+                    if "extracted" in roots:
+                        _write(roots["extracted"] / "train" / cls.wnid / name, image.data)
+                    if "kaggle" in roots:
+                        _write(roots["kaggle"] / sources.KAGGLE_ROOT / "train" / cls.wnid / name, image.data)
+                    count += 1
+            train_counts[cls.wnid] = count
+            if official_train is not None:
+                official_train.addfile(*_tar_bytes(f"{cls.wnid}.tar", inner.getvalue()))
         if official_train is not None:
-            official_train.addfile(*_tar_bytes(f"{cls.wnid}.tar", inner.getvalue()))
-    if official_train is not None:
-        official_train.close()
+            official_train.close()
 
-    val = list(val_images(spec, classes))
-    for layout, root in roots.items():
-        if layout == "official":
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w") as tar:
+        val = list(val_images(spec, classes))
+        for layout, root in roots.items():
+            if layout == "official":
+                buffer = io.BytesIO()
+                with tarfile.open(fileobj=buffer, mode="w") as tar:
+                    for image in val:
+                        tar.addfile(*_tar_bytes(f"{image.key}.JPEG", image.data))
+                _write(root / sources.OFFICIAL_VAL, buffer.getvalue())
+                _write(root / sources.OFFICIAL_DEVKIT, _devkit(classes, train_counts, val))
+            elif layout == "extracted":
                 for image in val:
-                    tar.addfile(*_tar_bytes(f"{image.key}.JPEG", image.data))
-            _write(root / sources.OFFICIAL_VAL, buffer.getvalue())
-            _write(root / sources.OFFICIAL_DEVKIT, _devkit(classes, train_counts, val))
-            (root / (sources.OFFICIAL_TRAIN + ".tmp")).replace(root / sources.OFFICIAL_TRAIN)
-        elif layout == "extracted":
-            for image in val:
-                _write(root / "val" / image.cls.wnid / f"{image.key}.JPEG", image.data)
-        else:
-            for image in val:
-                _write(root / sources.KAGGLE_ROOT / "val" / f"{image.key}.JPEG", image.data)
-            _write(root / sources.KAGGLE_SYNSETS,
-                   "".join(f"{c.wnid} {c.words}\n" for c in sorted(classes, key=lambda c: c.wnid)).encode())
-            lines = io.StringIO()
-            writer = csv.writer(lines, lineterminator="\n")
-            writer.writerow(["ImageId", "PredictionString"])
-            for image in sorted(val, key=lambda i: i.key):
-                writer.writerow([image.key, f"{image.cls.wnid} 10 10 100 100"])
-            _write(root / sources.KAGGLE_VAL_SOLUTION, lines.getvalue().encode())
+                    _write(root / "val" / image.cls.wnid / f"{image.key}.JPEG", image.data)
+            else:
+                for image in val:
+                    _write(root / sources.KAGGLE_ROOT / "val" / f"{image.key}.JPEG", image.data)
+                _write(root / sources.KAGGLE_SYNSETS,
+                       "".join(f"{c.wnid} {c.words}\n" for c in sorted(classes, key=lambda c: c.wnid)).encode())
+                lines = io.StringIO()
+                writer = csv.writer(lines, lineterminator="\n")
+                writer.writerow(["ImageId", "PredictionString"])
+                for image in sorted(val, key=lambda i: i.key):
+                    writer.writerow([image.key, f"{image.cls.wnid} 10 10 100 100"])
+                _write(root / sources.KAGGLE_VAL_SOLUTION, lines.getvalue().encode())
     return {"train": sum(train_counts.values()), "val": len(val)}

@@ -33,7 +33,7 @@ import submitit
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
 from ..config import ConfigError, LauncherConfig, MlperfConfig, RunConfig
-from ..data.shards import verify_manifest
+from ..data.manifest import verify_manifest
 from ..progress import format_duration
 from ..runfolder import short_reason
 from ..watch import ProgressLines, Snapshot, open_progress_fd
@@ -156,7 +156,7 @@ def set_aside_stale_checkpoint(spec: TrainSpec, fresh: bool = False) -> None:
 
 
 def _sha(path: str) -> str:
-    from ..data.shards import sha256_file
+    from ..data.checksums import sha256_file
 
     return sha256_file(path)
 

@@ -25,7 +25,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from ..config import ConfigError, MlperfConfig, RunConfig, device_problem
 from ..data.epochs import TrainSamples, shard_paths
-from ..data.shards import verify_manifest
+from ..data.manifest import verify_manifest
 from ..machine import cpu_model
 from ..mlperf.log import MLPerfLog, platform_name
 from . import checkpoints

@@ -20,9 +20,10 @@ def make_sample_shards(manifest: Path, images: int, smoke: bool) -> Path:
     what it would on the real data. A few thousand images are enough to measure the decode rate
     (the stream runs as many epochs over them as it needs)."""
     from flashnet.data import shards, sources
+    from flashnet.data.manifest import build_manifest, load_manifest
     from flashnet.data.sample import SampleSpec, write_sample_data
 
-    if manifest.exists() and shards.load_manifest(manifest)["samples"] >= images:
+    if manifest.exists() and load_manifest(manifest)["samples"] >= images:
         return manifest
     folder = manifest.parent
     source = folder / "source"
@@ -36,13 +37,13 @@ def make_sample_shards(manifest: Path, images: int, smoke: bool) -> Path:
     (folder / "parts").mkdir(parents=True, exist_ok=True)
     part = folder / "parts" / "0.json"
     shards.write_part(index, 0, 1, part, max_side=None, quality=95)
-    shards.build_manifest(index, [part], manifest, max_rejected=0)
+    build_manifest(index, [part], manifest, max_rejected=0)
     return manifest
 
 
 def manifest_shards(manifest: Path) -> tuple[str, ...]:
     from flashnet.data.epochs import shard_paths
-    from flashnet.data.shards import verify_manifest
+    from flashnet.data.manifest import verify_manifest
 
     return shard_paths(manifest, verify_manifest(manifest))
 
