@@ -178,15 +178,28 @@ def test_a_forced_write_shards_reaches_its_jobs_through_the_environment(monkeypa
         return types.SimpleNamespace(dag_settings=settings, remote_exec=remote)
 
     monkeypatch.setenv(pipeline.REWRITE_SHARDS_ENV, "--rewrite")  # left by a snakemake that started this one
-    pipeline.pass_shard_rewrite(workflow({"train"}))
+    pipeline.pass_forced_flags(workflow({"train"}))
     assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
     for forcing in (workflow({"write_shards"}), workflow({"write_shards", "manifest"}), workflow(forceall=True)):
-        pipeline.pass_shard_rewrite(forcing)
+        pipeline.pass_forced_flags(forcing)
         assert os.environ[pipeline.REWRITE_SHARDS_ENV] == "--rewrite"
-        pipeline.pass_shard_rewrite(workflow(remote=True))  # the job on SLURM keeps what it was passed
+        pipeline.pass_forced_flags(workflow(remote=True))  # the job on SLURM keeps what it was passed
         assert os.environ[pipeline.REWRITE_SHARDS_ENV] == "--rewrite"
-        pipeline.pass_shard_rewrite(workflow())
+        pipeline.pass_forced_flags(workflow())
         assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
+
+
+def test_a_forced_train_starts_afresh_through_the_environment(monkeypatch):
+    """--fresh reaches `flashnet train` through the environment, not a param: a param that differed
+    between `--forcerun train` and the next plain run would make Snakemake train that run again."""
+    variable = pipeline.FORCED_FLAGS["train"][0]
+    monkeypatch.setenv(variable, "")
+    settings = types.SimpleNamespace(forcerun=frozenset({"train"}), forceall=False)
+    pipeline.pass_forced_flags(types.SimpleNamespace(dag_settings=settings))
+    assert os.environ[variable] == "--fresh"
+    assert os.environ[pipeline.REWRITE_SHARDS_ENV] == ""
+    rule = (pipeline.cfg.WORKFLOW_ROOT / "workflow" / "rules" / "train.smk").read_text()
+    assert "${{%s:-}}" % variable in rule and "params.fresh" not in rule
 def test_mlperf_settings_reach_the_train_command(config):
     assert json.loads(pipeline.mlperf_json(config)) == {"org": "flashnet", "platform": None, "status": "research",
                                                         "division": "auto"}

@@ -227,21 +227,27 @@ def forced(workflow: Any, rule: str) -> bool:
     return bool(settings and (settings.forceall or rule in set(settings.forcerun or ())))
 
 
-# write_shards' shell line ends in ${FLASHNET_REWRITE_SHARDS:-}, which this sets to --rewrite when the
-# invocation forces write_shards. Not a rule param: a job on SLURM is a new `snakemake --force <job>`
-# that evaluates params itself without knowing which rules were forced, while it inherits the main
-# process's environment (the SLURM executor submits with --export=ALL; local jobs are its children);
-# and a param that differs between a forced run and the next would make that next run redo the
-# conversion jobs (Snakemake reruns a job whose params changed), then the manifests and training.
-REWRITE_SHARDS_ENV = "FLASHNET_REWRITE_SHARDS"
+# A forced rule's flag reaches its command through the environment, not a rule param: a param that
+# differs between a forced run and the next makes that next run redo the job (Snakemake reruns a job
+# whose params changed: the conversion jobs, then the manifests and training; or training afresh).
+# And a job on SLURM is a new `snakemake --force <job>` that evaluates params without knowing which
+# rules were forced, while it inherits the main process's environment (the SLURM executor submits
+# with --export=ALL; local jobs are its children). The shell lines end in ${VARIABLE:-}.
+FORCED_FLAGS = {
+    "write_shards": ("FLASHNET_REWRITE_SHARDS", "--rewrite"),  # rewrite every shard, journal or not
+    "train": ("FLASHNET_FRESH_TRAIN", "--fresh"),  # from scratch, not from a checkpoint
+}
+REWRITE_SHARDS_ENV = FORCED_FLAGS["write_shards"][0]
 
 
-def pass_shard_rewrite(workflow: Any) -> None:
-    """In the main process, set :data:`REWRITE_SHARDS_ENV` for the conversion jobs it starts."""
+def pass_forced_flags(workflow: Any) -> None:
+    """In the main process, set each rule's :data:`FORCED_FLAGS` variable for the jobs it starts:
+    the flag where this invocation forces the rule, else empty (not inherited from a snakemake
+    that started this one)."""
     if getattr(workflow, "remote_exec", False):
         return  # a job on SLURM keeps what its main process passed
-    # Set empty rather than removed otherwise: nothing inherited from a snakemake that started this one.
-    os.environ[REWRITE_SHARDS_ENV] = "--rewrite" if forced(workflow, "write_shards") else ""
+    for rule, (variable, flag) in FORCED_FLAGS.items():
+        os.environ[variable] = flag if forced(workflow, rule) else ""
 
 
 def executor_name(workflow: Any) -> str | None:

@@ -25,7 +25,8 @@ def final_outputs():
     return pipeline.final_outputs(config)
 
 
-# --forcerun write_shards (or -F): every conversion job rewrites its shards, also on SLURM. Set when
-# execution starts, before any job: which rules are forced is not known yet while this file is read.
+# --forcerun write_shards / train (or -F): shards rewritten, training from scratch, also on SLURM.
+# Set when execution starts, before any job: which rules are forced is not known yet while this file
+# is read.
 onstart:
-    pipeline.pass_shard_rewrite(workflow)
+    pipeline.pass_forced_flags(workflow)

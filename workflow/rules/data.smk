@@ -64,7 +64,7 @@ rule write_shards:
         mem_mb=4000,
     shell:
         "flashnet write-shards {input.index:q} --part {wildcards.part} --parts {params.parts} {params.options}"
-        # --rewrite when this invocation forces write_shards (flashnet/pipeline.py, pass_shard_rewrite)
+        # --rewrite when this invocation forces write_shards (flashnet/pipeline.py, pass_forced_flags)
         " ${{FLASHNET_REWRITE_SHARDS:-}} --out {output:q} > {log:q} 2>&1"
 
 

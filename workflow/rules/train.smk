@@ -26,8 +26,6 @@ rule train:
             config, wildcards.run, resources, pipeline.executor_name(workflow)
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        # --forcerun train (or -F): start from scratch, not from an interrupted run's checkpoint.
-        fresh=lambda wildcards: "--fresh" if pipeline.forced(workflow, "train") else "",
     conda:
         "../../envs/train.yaml"
     resources:
@@ -36,6 +34,9 @@ rule train:
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"
         " --train-manifest {input.train:q} --val-manifest {input.val:q} --out-dir {params.out_dir:q}"
-        " --mlperf {params.mlperf:q} {params.fresh}"
+        " --mlperf {params.mlperf:q}"
+        # --fresh when this invocation forces train (or -F): from scratch, not from an interrupted
+        # run's checkpoint (flashnet/pipeline.py, pass_forced_flags)
+        " ${{FLASHNET_FRESH_TRAIN:-}}"
         # Progress lines reach Snakemake's stderr on fd 3 (flashnet/watch.py); everything goes to the log.
         " --progress-fd 3 --log-file {log:q} 3>&2 > {log:q} 2>&1"

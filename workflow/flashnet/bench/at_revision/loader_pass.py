@@ -40,7 +40,8 @@ def sample_table(setup: dict):
 def timed_pass(batches) -> dict:
     count, seen = 0, set()
     wall, cpu = time.perf_counter(), time.process_time()
-    for images, _labels in batches:
+    for batch in batches:
+        images = batch.images if hasattr(batch, "images") else batch[0]  # a Batch, or a tuple before it
         seen.add((str(images.dtype), tuple(images.shape[1:])))
         count += len(images)
     return {"images": count, "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
