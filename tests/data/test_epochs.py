@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flashnet.data import epochs, loader
+from flashnet.data.transforms import Augmentation
 from flashnet.train.recipe import steps_per_epoch
 
 IMAGENET_TRAIN = 1_281_167
@@ -30,7 +31,7 @@ def imagenet() -> epochs.TrainSamples:
 def rank_spec(samples, rank: int, epoch: int, **changes) -> loader.TrainStreamSpec:
     settings = dict(samples=samples, seed=0, epoch=epoch, rank=rank, world_size=WORLD,
                     steps=steps_per_epoch(len(samples), WORLD * PER_DEVICE), batch_size=PER_DEVICE, image_size=224,
-                    crop_scale=(0.08, 1.0))
+                    augmentation=Augmentation(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3)))
     return loader.TrainStreamSpec(**{**settings, **changes})
 
 

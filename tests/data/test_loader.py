@@ -23,6 +23,7 @@ from flashnet.data import loader, sample, shards, sources, tarfiles
 from flashnet.data.batch import Batch
 from flashnet.data.epochs import TrainSamples, shard_paths
 from flashnet.data.manifest import build_manifest, read_shard_samples
+from flashnet.data.transforms import Augmentation
 
 pytestmark = [
     # Three loader workers on this two-core machine are the point of some tests.
@@ -88,7 +89,8 @@ def mean_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def train_spec(split: Split, **changes) -> loader.TrainStreamSpec:
     settings = dict(samples=split.train_samples, seed=0, epoch=0, rank=0, world_size=1, steps=STEPS, batch_size=BATCH,
-                    image_size=IMAGE_SIZE, crop_scale=(0.25, 1.0))
+                    image_size=IMAGE_SIZE,
+                    augmentation=Augmentation(crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3)))
     return loader.TrainStreamSpec(**{**settings, **changes})
 
 

@@ -4,6 +4,7 @@ a full-size decode and antialiased resize at every DCT scale, and normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -218,3 +219,24 @@ def test_device_decode_cuts_resizes_and_flips_each_box_like_the_cpu_decode():
         assert mean_abs_difference(image, transforms.decode_crop(jpeg, box, 48, flip)) < 3
     assert torch.equal(out[2], out[0].flip(1))
     assert torch.equal(out[1, ..., 0], out[1, ..., 1]) and torch.equal(out[1, ..., 0], out[1, ..., 2])
+
+
+def test_augmentation_fields_are_run_keys_copied_from_the_run():
+    """Each Augmentation field is declared once, as a run key of the schema (type and default there)."""
+    from flashnet.config import RUN, RunConfig, schema_fields
+
+    run_keys = {name for name, *_ in schema_fields(RUN)}
+    fields = {field.name for field in dataclasses.fields(transforms.Augmentation)}
+    assert fields and fields <= run_keys
+    run = RunConfig.from_dict({"crop_scale": [0.3, 0.9], "crop_ratio": [0.5, 2.0]}, "x")
+    assert transforms.Augmentation.from_run(run) == transforms.Augmentation((0.3, 0.9), (0.5, 2.0))
+
+
+def test_augmentation_draws_the_box_then_the_flip():
+    augmentation = transforms.Augmentation((0.2, 0.9), (0.75, 1.333))
+    drawn = [augmentation.draw(500, 375, np.random.default_rng(seed)) for seed in range(200)]
+    for seed, (box, flip) in enumerate(drawn):
+        rng = np.random.default_rng(seed)
+        assert box == transforms.random_resized_crop_box(500, 375, (0.2, 0.9), rng, (0.75, 1.333))
+        assert flip == bool(rng.random() < 0.5)
+    assert 60 < sum(flip for _, flip in drawn) < 140

@@ -65,6 +65,7 @@ from flashnet.bench.revision import RevisionError, RevisionWorker, exported
 from flashnet.data import loader, sample, shards, sources
 from flashnet.data.epochs import TrainSamples
 from flashnet.data.manifest import MANIFEST_FORMAT, build_manifest, verify_manifest
+from flashnet.data.transforms import Augmentation
 from flashnet.machine import cpu_model
 
 SAMPLES_PER_SHARD = 100
@@ -160,7 +161,8 @@ def flashnet_batches(data: BenchData, args: argparse.Namespace, epoch: int) -> I
     """The project's train pipeline, in the main process, a fresh epoch each pass."""
     spec = loader.TrainStreamSpec(samples=data.samples, world_size=1, seed=0, epoch=epoch, rank=0,
                                   steps=args.images // args.batch_size, batch_size=args.batch_size,
-                                  image_size=args.size, crop_scale=CROP_SCALE)
+                                  image_size=args.size,
+                                  augmentation=Augmentation(CROP_SCALE, (3 / 4, 4 / 3)))
     return loader.train_loader(spec, workers=0)
 
 

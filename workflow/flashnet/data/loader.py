@@ -44,7 +44,7 @@ from torch.utils.data import ChainDataset, DataLoader, IterableDataset, get_work
 from .batch import Batch, JpegCrops
 from .epochs import TrainSamples, batch_samples, worker_batches
 from .tarfiles import ShardError, shard_samples, tar_samples
-from .transforms import center_crop_box, decode_crop, random_resized_crop_box
+from .transforms import Augmentation, center_crop_box, decode_crop
 
 
 class SampleError(ValueError):
@@ -82,10 +82,9 @@ class TrainStreamSpec:
     steps: int  # batches in this epoch, on every rank: steps_per_epoch, or fewer in a fractional last epoch
     batch_size: int  # per device
     image_size: int
-    crop_scale: tuple[float, float]
+    augmentation: Augmentation  # not drawn from where center_crop_resize is set
     start_batch: int = 0  # resume: batches of this epoch already trained
     decode_on_device: bool = False
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     center_crop_resize: int | None = None  # set: the val transform (resize, centre crop, no flip) instead
 
     def __post_init__(self):
@@ -148,8 +147,7 @@ def _augment(spec: TrainStreamSpec, sample: dict):
     def prepare(jpeg: bytes, label: int):
         height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
         if spec.center_crop_resize is None:
-            box = random_resized_crop_box(width, height, spec.crop_scale, rng, spec.crop_ratio)
-            flip = bool(rng.random() < 0.5)
+            box, flip = spec.augmentation.draw(width, height, rng)
         else:  # the val transform (no_augment_from_epoch)
             box, flip = center_crop_box(width, height, spec.center_crop_resize, spec.image_size), False
         if spec.decode_on_device:

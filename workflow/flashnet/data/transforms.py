@@ -10,8 +10,10 @@ nvJPEG on the device instead. Normalisation runs on the device, on whole batches
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import simplejpeg
@@ -44,6 +46,26 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Training's random per-sample transform. Each field is the run key of the same name (in the
+    schema, which declares its type and default), copied by :meth:`from_run`: a new augmentation
+    setting is declared in the schema and used here, and nowhere else."""
+
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+
+    @classmethod
+    def from_run(cls, run: Any) -> Augmentation:
+        return cls(**{field.name: getattr(run, field.name) for field in dataclasses.fields(cls)})
+
+    def draw(self, width: int, height: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
+        """One sample's crop box and horizontal flip, drawn as torchvision's RandomResizedCrop and
+        RandomHorizontalFlip draw them (the box first, then the flip, from the sample's generator)."""
+        box = random_resized_crop_box(width, height, self.crop_scale, rng, self.crop_ratio)
+        return box, bool(rng.random() < 0.5)
 
 
 def _kept_span(original: int, resized: int, size: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from ..config import RunConfig
 from ..data.epochs import TrainSamples
 from ..data.loader import TrainStreamSpec, ValSpec, train_loader, val_loader
+from ..data.transforms import Augmentation
 
 
 def epoch_position(global_step: int, epoch: int, steps_per_epoch: int, total_steps: int) -> tuple[int, int]:
@@ -44,8 +45,7 @@ class ShardData(pl.LightningDataModule):
             steps=steps,
             batch_size=run.per_device_batch,
             image_size=run.image_size,
-            crop_scale=run.crop_scale,
-            crop_ratio=run.crop_ratio,
+            augmentation=Augmentation.from_run(run),
             center_crop_resize=None if run.augments(trainer.current_epoch) else run.eval_resize,
             start_batch=done,
             decode_on_device=run.decode_device == "cuda",

@@ -21,11 +21,20 @@ def stream_spec(setup: dict, epoch: int, samples):
     """The revision's TrainStreamSpec: loaders from before real epochs (commit 4406922 and older)
     take shard paths and a shuffle buffer instead of the sample table."""
     common = dict(seed=0, epoch=epoch, rank=0, steps=setup["images"] // setup["batch_size"],
-                  batch_size=setup["batch_size"], image_size=setup["size"], crop_scale=tuple(setup["crop_scale"]))
+                  batch_size=setup["batch_size"], image_size=setup["size"], **crop_settings(setup))
     if samples is not None:
         return loader.TrainStreamSpec(samples=samples, world_size=1, **common)
     return loader.TrainStreamSpec(shards=tuple(setup["shards"]), shuffle_buffer=min(500, setup["images"]),
                                   workers=1, **common)
+
+
+def crop_settings(setup: dict) -> dict:
+    """The revision's crop settings: an Augmentation (from the Augmentation type on) or crop_scale."""
+    if "augmentation" in {field.name for field in dataclasses.fields(loader.TrainStreamSpec)}:
+        from flashnet.data.transforms import Augmentation
+
+        return {"augmentation": Augmentation(tuple(setup["crop_scale"]), (3 / 4, 4 / 3))}
+    return {"crop_scale": tuple(setup["crop_scale"])}
 
 
 def sample_table(setup: dict):

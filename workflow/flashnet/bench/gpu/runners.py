@@ -139,7 +139,9 @@ def train_stream(ctx: Context, batches: int, decode_on_device: bool):
     """The real train loader over the shards for ``batches`` batches, in as many real epochs as
     that takes (a few thousand images hold fewer batches than a configuration times)."""
     from flashnet.data.epochs import TrainSamples
+    from flashnet.config import RunConfig
     from flashnet.data.loader import TrainStreamSpec, train_loader_over_epochs
+    from flashnet.data.transforms import Augmentation
 
     run = schema_run_defaults()
     samples = TrainSamples.scan(ctx.shards)
@@ -148,7 +150,8 @@ def train_stream(ctx: Context, batches: int, decode_on_device: bool):
         raise ValueError(f"{len(samples)} shard samples hold no batch of {ctx.scale.batch_size}")
     specs = [TrainStreamSpec(
         samples=samples, seed=0, epoch=epoch, rank=0, world_size=1, steps=min(per_epoch, batches - epoch * per_epoch),
-        batch_size=ctx.scale.batch_size, image_size=ctx.scale.image_size, crop_scale=tuple(run["crop_scale"]),
+        batch_size=ctx.scale.batch_size, image_size=ctx.scale.image_size,
+        augmentation=Augmentation.from_run(RunConfig.from_dict(run, "bench")),
         decode_on_device=decode_on_device,
     ) for epoch in range(-(-batches // per_epoch))]
     return train_loader_over_epochs(specs, ctx.workers, pin_memory=ctx.device.type == "cuda")
