@@ -1,5 +1,5 @@
-"""Lightning callbacks: the per-epoch and per-step records (timed by ``clock.TrainClock``), resume checkpoints, and
-plain progress lines for job logs.
+"""Lightning callbacks: the per-epoch and per-step records (timed by :class:`.clock.TrainClock`),
+resume checkpoints, and plain progress lines for job logs.
 
 Every record lives in the callbacks' checkpointed state, and the CSV files are rewritten from that
 state, so a run resumed from an earlier checkpoint never lists an epoch twice.

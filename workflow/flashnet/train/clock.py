@@ -27,7 +27,8 @@ VALIDATION, CHECKPOINT, STARTUP = "validation", "checkpoint", "startup"
 class TrainClock(pl.Callback):
     """The fit's wall time summed over job segments (requeues don't count the time spent queued), and
     what part of it went to validation, resume checkpoint writes and each segment's start-up (from
-    the start of the fit to the end of its first training step: loader workers, compilation, cuDNN
+    Lightning's ``on_fit_start``, once the process group and the model are set up, to the end of the
+    segment's first training step: restoring the checkpoint, loader workers, compilation, cuDNN
     autotuning, the first batch). Reads are taken after a device synchronisation.
 
     Phases are timed from the callback hooks (validation), :meth:`timed` (checkpoints) and the first
