@@ -90,6 +90,39 @@ def test_more_loader_workers_than_cpus_per_task_are_refused_naming_both(config):
         pipeline.train_launcher_json(config, "busy", Resources(), "local")
 
 
+def test_more_evaluation_workers_than_cpus_per_task_are_refused_naming_both(config):
+    config["evaluate"]["workers"] = 3
+    with pytest.raises(cfg.ConfigError, match=r"evaluate\.workers: 3 loader processes per device, but "
+                                              r"launcher\.cpus_per_task is 1"):
+        pipeline.evaluate_launcher_json(config, "default", Resources(), "slurm")
+
+
+def test_a_preset_on_the_cpu_defaults_is_refused_naming_its_loader_workers(config):
+    config["runs"] = pipeline.expand_presets({"runs": {"b32k": {"preset": "mlperf-lars-b32768"}}}, ROOT)
+    with pytest.raises(cfg.ConfigError, match=r"runs\.b32k\.loader_workers: 4 loader processes per device, but "
+                                              r"launcher\.cpus_per_task is 1"):
+        pipeline.train_launcher_json(config, "b32k", Resources(), "slurm")
+
+
+@pytest.mark.parametrize("executor, train_cores, evaluate_cores", [
+    ("local", 2 * 3, 1 * 3),  # the job's processes run here: devices × cpus_per_task (evaluate.devices: 1)
+    ("slurm", 1, 1),  # the rule only waits on its SLURM job
+])
+def test_waiting_rules_declare_the_cores_their_job_takes_on_this_host(config, executor, train_cores, evaluate_cores):
+    config["launcher"]["cpus_per_task"] = 3
+    assert pipeline.host_cores(config, "default", executor) == train_cores
+    assert pipeline.host_cores(config, "default", executor, evaluation=True) == evaluate_cores
+
+
+def test_slurm_profile_can_keep_as_many_runs_in_flight_as_it_allows():
+    """Snakemake 9 runs local rules on a pool of --cores + 5 threads under a cluster executor (and
+    ignores --local-cores): runs_in_flight above that would wait for a thread, not for the resource."""
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert "local-cores" not in profile
+    in_flight = dict(item.split("=") for item in profile["resources"])["runs_in_flight"]
+    assert int(in_flight) + 1 <= profile["cores"] + 5  # every run's rule, and the report's
+
+
 def test_slurm_extra_that_is_not_an_option_is_refused():
     with pytest.raises(cfg.ConfigError, match="slurm_extra"):
         pipeline.parse_slurm_extra("qos=high")

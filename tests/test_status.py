@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flashnet import cli, status
-from flashnet.train.callbacks import EPOCH_FIELDS, STEP_FIELDS
+from flashnet.runfolder import METRICS_COLUMNS, STEPS_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {"epochs": 8, "batch_size": 64, "target_top1": 0.5}
@@ -36,7 +36,7 @@ def write_csv(path: Path, fields: tuple[str, ...], rows: list[dict], cut: int = 
 
 def epoch_row(epoch: int, top1: float = 0.3) -> dict:
     return {"epoch": epoch, "step": 15 * epoch, "wall_s": 30.0 * epoch, "train_loss": 2.0 / epoch, "val_top1": top1,
-            "val_top5": 0.9, "images_per_s": 32.0, "lr": 0.1}
+            "val_top5": 0.9, "images_per_s": 32.0, "lr": 0.1, "validation_s": 1.5}
 
 
 def make_run(results: Path, name: str, epochs: int = 0, job: tuple[str, str] | None = None, waiting: bool = False,
@@ -46,8 +46,8 @@ def make_run(results: Path, name: str, epochs: int = 0, job: tuple[str, str] | N
     (run_dir / "jobs").mkdir(parents=True)
     if epochs:
         rows = [epoch_row(e, top1s[e - 1] if top1s else 0.3) for e in range(1, epochs + 1)]
-        write_csv(run_dir / "metrics.csv", EPOCH_FIELDS, rows)
-        write_csv(run_dir / "steps.csv", STEP_FIELDS,
+        write_csv(run_dir / "metrics.csv", METRICS_COLUMNS, rows)
+        write_csv(run_dir / "steps.csv", STEPS_COLUMNS,
                   [{"step": s, "epoch": s / 15, "wall_s": 2.0 * s, "lr": 0.1, "train_loss": 1.0, "images_per_s": 40.0}
                    for s in range(5, 15 * epochs + 1, 5)])
     lines = []
@@ -180,7 +180,7 @@ def test_finished_run_being_evaluated_or_whose_evaluation_failed(tmp_path):
 
 def test_half_written_run_folder_never_fails(tmp_path):
     run_dir = make_run(tmp_path, "half", epochs=2, job=("slurm", "42"))
-    write_csv(run_dir / "metrics.csv", EPOCH_FIELDS, [epoch_row(1), epoch_row(2)], cut=12)  # last row cut short
+    write_csv(run_dir / "metrics.csv", METRICS_COLUMNS, [epoch_row(1), epoch_row(2)], cut=12)  # last row cut short
     (run_dir / "steps.csv").write_bytes(b"step,epoch,wall_s\n5,0.3")
     (run_dir / "summary.json").write_text('{"finished": tr')
     (run_dir / "jobs" / "active.json").write_text('{"clus')

@@ -9,14 +9,14 @@ import subprocess
 import sys
 import textwrap
 
-from flashnet.train.callbacks import EPOCH_FIELDS
+from flashnet.runfolder import METRICS_COLUMNS
 from flashnet.watch import ProgressLines, Snapshot
 
 
 def write_epochs(run_dir, count: int) -> None:
-    rows = [",".join(EPOCH_FIELDS)]
+    rows = [",".join(METRICS_COLUMNS)]
     for epoch in range(1, count + 1):
-        rows.append(f"{epoch},{10 * epoch},{20.0 * epoch},{1.5 / epoch},{0.2 * epoch},0.9,48.0,0.1")
+        rows.append(f"{epoch},{10 * epoch},{20.0 * epoch},{1.5 / epoch},{0.2 * epoch},0.9,48.0,0.1,2.5")
     (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
 
 

@@ -53,9 +53,10 @@ def make_run(runs_dir):
              precision: str = "32-true", accelerator: str = "cpu", device_name: str = "AMD EPYC 7B13 (2 cores)",
              images_per_s: float = 40.0, target_top1: float = 0.7, final_top1: float = 0.74,
              eval_top1: float | None = None, eval_top5: float = 0.9633, log_every_steps: int = 4,
-             train_samples: int = TRAIN_IMAGES, mlperf: dict | None = None) -> Path:
+             train_samples: int = TRAIN_IMAGES, mlperf: dict | None = None, timed_phases: bool = True) -> Path:
         """``mlperf``: keys that replace the summary's MLPerf figures (derived from the curve by default;
-        ``{}`` for a run without them, as flashnet wrote before it had MLPerf logs)."""
+        ``{}`` for a run without them, as flashnet wrote before it had MLPerf logs). ``timed_phases``:
+        False for a run trained before flashnet timed validation, checkpoints and start-up apart."""
         folder = runs_dir / name
         folder.mkdir()
         world_size = nodes * devices_per_node
@@ -71,9 +72,10 @@ def make_run(runs_dir):
             step = e * steps_per_epoch
             metrics.append([e, step, round(wall, 3), round(2.3 * math.exp(-e / 6), 4), top1[e - 1],
                             round(min(1.0, top1[e - 1] + 0.2), 4), round(TRAIN_IMAGES / seconds, 3),
-                            lr_at(step - 1, epochs * steps_per_epoch, 2 * steps_per_epoch, lr)])
-        write_csv(folder / "metrics.csv",
-                  ["epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr"], metrics)
+                            lr_at(step - 1, epochs * steps_per_epoch, 2 * steps_per_epoch, lr), round(0.08 * epoch_s, 3)])
+        header = ["epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr", "validation_s"]
+        write_csv(folder / "metrics.csv", header if timed_phases else header[:-1],
+                  metrics if timed_phases else [row[:-1] for row in metrics])
 
         steps = []
         total_steps = epochs * steps_per_epoch
@@ -118,6 +120,8 @@ def make_run(runs_dir):
         }
         if mlperf == {}:
             del summary["mlperf"]
+        if timed_phases:
+            summary.update(timing_split(train_seconds, epochs, epoch_s))
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
 
         evaluation = {
@@ -130,6 +134,16 @@ def make_run(runs_dir):
         return folder
 
     return make
+
+
+def timing_split(train_seconds: float, epochs: int, epoch_s: float) -> dict:
+    """summary.json's split of the train time, for one job segment: a validation takes 8% of an
+    epoch's time, a checkpoint 2% (one each per epoch), the start-up half an epoch."""
+    validation, checkpoint, startup = 0.08 * epoch_s, 0.02 * epoch_s, 0.5 * epoch_s
+    return {"validation_seconds": round(epochs * validation, 3), "validations": epochs,
+            "checkpoint_seconds": round(epochs * checkpoint, 3), "checkpoints": epochs,
+            "startup_seconds": round(startup, 3), "job_segments": 1,
+            "step_seconds": round(train_seconds - epochs * (validation + checkpoint) - startup, 3)}
 
 
 SETTINGS = {"projection_devices": 2048, "projection_epochs": 90, "link_gbps": 100, "link_latency_us": 5}

@@ -57,6 +57,8 @@ def test_report_page_in_chromium(tmp_path, make_run, settings):
     assert seen["problems"] == []
     assert seen["headings"] == ["flashnet report", *(heading for _, heading, _ in SECTIONS)]
     assert "<script" not in seen["dom"]
+    assert 'id="timing">Where the training time went</h3>' in seen["dom"]
+    assert "<td>lars-b64</td><td class=\"num\">6 min 52 s</td><td class=\"num\">6 min 00 s (87%)</td>" in seen["dom"]
     assert len(seen["images"]) == 5 and all(image["loaded"] for image in seen["images"]), seen["images"]
 
     from PIL import Image

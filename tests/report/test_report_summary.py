@@ -7,13 +7,14 @@ import json
 import csv
 import datetime
 
+import numpy as np
 import pytest
 
 from flashnet.report import projection as proj
 from flashnet.report.references import FUJITSU, REFERENCES, reference, reference_csv_rows
 from flashnet.report.runs import load_runs
 from flashnet.report.summary import (recipe_table, references_table, software_table, summary_csv_row,
-                                     summary_markdown, summary_table)
+                                     summary_markdown, summary_table, timing_table)
 from flashnet.report.tables import (Table, format_count, format_duration, format_percent, format_published_duration,
                                     format_published_percent, format_rate, format_time_to_target, markdown_table)
 
@@ -85,6 +86,25 @@ def test_summary_row_takes_accuracy_from_eval_and_the_rest_from_summary(make_run
     assert software_table([run]).column("Git revision") == ["0123456789ab"]
 
 
+def test_the_train_time_is_split_into_steps_validation_checkpoints_and_startup(make_run):
+    [run] = load_runs([make_run("lars-b64")])  # 412.5 s: 16 validations of 2 s, 16 checkpoints of 0.5 s (conftest)
+    row = summary_csv_row(run)
+    assert (row["step_seconds"], row["validation_seconds"], row["checkpoint_seconds"], row["startup_seconds"]) == \
+        (360.0, 32.0, 8.0, 12.5)
+    assert (row["validations"], row["checkpoints"], row["job_segments"]) == (16, 16, 1)
+    table = timing_table([run])
+    assert table.headers == ("Run", "Train time", "Training steps", "Validation", "Checkpoint writes", "Start-up")
+    assert table.rows == (("lars-b64", "6 min 52 s", "6 min 00 s (87%)", "32 s (8%; 16 × 2 s)",
+                           "8 s (2%; 16 × 0.5 s)", "12.5 s (3%; 1 job)"),)
+
+
+def test_a_run_trained_before_phases_were_timed_says_not_measured(make_run):
+    [run] = load_runs([make_run("old", timed_phases=False)])
+    assert len(run.metrics["validation_s"]) == 16 and np.isnan(run.metrics["validation_s"]).all()
+    assert summary_csv_row(run)["validation_seconds"] is None
+    assert timing_table([run]).rows == (("old", "6 min 52 s", *["not measured"] * 4),)
+
+
 def test_a_run_that_stopped_at_its_target_says_so(make_run):
     folder = make_run("lars-b64")
     summary = json.loads((folder / "summary.json").read_text())
@@ -127,6 +147,7 @@ def test_summary_markdown_has_every_part(make_run, settings):
     assert "## Published reference points (published, not measured here)" in text
     assert "## Projection (an estimate, not a measurement)" in text
     assert "| lars-b64 | 74.40% |" in text and "not reached" in text
+    assert "### Where the training time went\n" in text and "| lars-b64 | 6 min 52 s | 6 min 00 s (87%) |" in text
     for ref in REFERENCES:
         assert ref.name in text and ref.citation in text
     for name in ("accuracy_vs_epoch", "accuracy_vs_time", "accuracy_vs_batch", "throughput", "lr_schedule"):
@@ -144,3 +165,4 @@ def test_summary_csv_round_trip(make_run, settings, tmp_path):
         [row] = list(csv.DictReader(f))
     assert row["run"] == "lars-b64" and row["final_top1"] == "0.7312" and row["global_batch"] == "64"
     assert float(row["time_to_target_s"]) == TIME_TO_TARGET_S and row["precision"] == "32-true"
+    assert float(row["step_seconds"]) == 360.0 and row["checkpoints"] == "16"

@@ -49,3 +49,35 @@ def test_no_checkpoint_means_a_fresh_start_and_remove_takes_both(tmp_path):
     assert checkpoints.damage(last) is None
     checkpoints.remove_resume(last)
     assert list(tmp_path.iterdir()) == []
+
+
+class FakeTrainer:
+    """What save_resume asks of a Trainer: who writes, the write itself and the barrier."""
+
+    def __init__(self, value: float, is_global_zero: bool = True):
+        self.value, self.is_global_zero, self.barriers = value, is_global_zero, []
+        self.strategy = self
+
+    def save_checkpoint(self, path: Path) -> None:
+        if self.is_global_zero:
+            write_checkpoint(path, self.value)
+
+    def barrier(self, name: str) -> None:
+        self.barriers.append(name)
+
+
+def test_save_keeps_the_previous_checkpoint_and_clears_a_killed_jobs_temporary_files(tmp_path):
+    last = tmp_path / "last.ckpt"
+    for leftover in (".last.ckpt.tmp", ".last.ckpt.tmp-4242"):  # a job killed mid-write (old and new names)
+        (tmp_path / leftover).write_bytes(b"partial")
+    checkpoints.save_resume(FakeTrainer(1.0), last)
+    checkpoints.save_resume(FakeTrainer(2.0), last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.prev.ckpt"]
+    assert torch.load(last)["weights"][0] == 2.0
+    assert torch.load(checkpoints.previous_path(last))["weights"][0] == 1.0
+
+
+def test_other_ranks_write_nothing_but_join_the_barrier(tmp_path):
+    other = FakeTrainer(1.0, is_global_zero=False)
+    checkpoints.save_resume(other, tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == [] and other.barriers == ["resume-checkpoint"]

@@ -67,6 +67,19 @@ def test_32_true_run_learns_and_writes_its_records(finished_run):
     assert not (out / "checkpoints" / "last.ckpt").exists()  # finished: nothing to resume
 
 
+def test_summary_says_where_the_training_time_went(finished_run):
+    out, summary = finished_run
+    rows = read_csv(out / "metrics.csv")
+    parts = ("step_seconds", "validation_seconds", "checkpoint_seconds", "startup_seconds")
+    assert sum(summary[key] for key in parts) == pytest.approx(summary["train_seconds"], abs=0.01)
+    assert all(summary[key] > 0 for key in parts)
+    assert summary["validations"] == 3 and summary["job_segments"] == 1
+    assert summary["checkpoints"] == 3  # after each epoch's validation (checkpoint_every_steps is longer)
+    assert sum(float(r["validation_s"]) for r in rows) == pytest.approx(summary["validation_seconds"], abs=0.01)
+    # images/s over training steps only: the first step (start-up) and the other phases left out
+    assert summary["images_per_s"] == pytest.approx((30 - 1) * 16 / summary["step_seconds"], rel=1e-3)
+
+
 def test_final_checkpoint_loads_into_torchvision(finished_run):
     out, _ = finished_run
     record = torch.load(out / "model.pt", weights_only=True)

@@ -60,6 +60,8 @@ def test_ddp_job_survives_two_usr2_interruptions(tiny_dataset, tmp_path):
     log = job.paths.stdout.read_text()
     assert log.count("requeueing") == 2 and log.count("resuming from") == 2
     assert summary["steps"] == expected["steps"]
+    # each job segment's start-up is timed, and carried through the checkpoints into the summary
+    assert (expected["job_segments"], summary["job_segments"]) == (1, 3)
     metrics = (tmp_path / "interrupted" / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in metrics[1:]] == ["1", "2"]
     a = torch.load(tmp_path / "reference" / "model.pt", weights_only=True)["state_dict"]

@@ -180,6 +180,7 @@ def train_launcher_json(config: dict[str, Any], run: str, resources: Any, execut
 
 def evaluate_launcher_json(config: dict[str, Any], run: str, resources: Any, executor: str | None) -> str:
     settings = cluster_run_config(config, run, executor)
+    refuse_more_workers_than_cpus("evaluate.workers", config["evaluate"]["workers"], config)
     gpus = config["evaluate"]["devices"] if settings.accelerator == "gpu" else 0
     return launcher_json(config, resources, executor, gpus)
 
@@ -190,16 +191,31 @@ def cluster_run_config(config: dict[str, Any], run: str, executor: str | None) -
     queued, so ``accelerator: auto`` (decided on the node) would ask for none and leave a GPU recipe
     on the node's CPU."""
     settings = run_config(config, run)
-    cpus = config["launcher"]["cpus_per_task"]
-    if settings.loader_workers > cpus:
-        raise cfg.ConfigError(
-            f"runs.{run}.loader_workers: {settings.loader_workers} loader processes per device, but "
-            f"launcher.cpus_per_task is {cpus}: raise cpus_per_task or lower loader_workers")
+    refuse_more_workers_than_cpus(f"runs.{run}.loader_workers", settings.loader_workers, config)
     if resolve_cluster(config, executor) == "slurm" and settings.accelerator == "auto":
         raise cfg.ConfigError(
             f"runs.{run}.accelerator: auto cannot size a SLURM job (its GPUs are requested when it is "
             "queued); set gpu (devices_per_node GPUs on each node) or cpu")
     return settings
+
+
+def refuse_more_workers_than_cpus(key: str, workers: int, config: dict[str, Any]) -> None:
+    cpus = config["launcher"]["cpus_per_task"]
+    if workers > cpus:
+        raise cfg.ConfigError(f"{key}: {workers} loader processes per device, but launcher.cpus_per_task is {cpus}: "
+                              f"raise cpus_per_task or lower {key.rpartition('.')[2]}")
+
+
+def host_cores(config: dict[str, Any], run: str, executor: str | None, evaluation: bool = False) -> int:
+    """The cores the train (or evaluate) rule's job takes on the host Snakemake runs on, its
+    ``threads``: with a local cluster, one process per device with cpus_per_task each, so Snakemake's
+    --cores bounds how many run at once (a run asking more than --cores runs alone); under SLURM the
+    rule only waits on its job, and ``resources.runs_in_flight`` bounds how many do."""
+    if resolve_cluster(config, executor) != "local":
+        return 1
+    settings = run_config(config, run)
+    devices = config["evaluate"]["devices"] if evaluation else settings.nodes * settings.devices_per_node
+    return devices * config["launcher"]["cpus_per_task"]
 
 
 def refuse_run_in_progress(config: dict[str, Any], run: str) -> list[str]:

@@ -16,7 +16,16 @@ from typing import Any
 from .train import schedule
 
 
-EPOCH_NUMBERS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
+# A run folder's records and their columns, declared once for the writer (train/callbacks.py) and
+# every reader (status, the progress lines, the report). wall_s: the fit's wall clock; images_per_s:
+# over training time only (validation and checkpoint writes left out); validation_s: that validation's
+# duration (metrics.csv files written before it was measured lack it).
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"  # a row per validation
+STEPS_FILE = "steps.csv"  # a row every log_every_steps
+METRICS_COLUMNS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr",
+                   "validation_s")
+STEPS_COLUMNS = ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -27,7 +36,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def read_rows(path: Path, numbers: tuple[str, ...] = EPOCH_NUMBERS) -> list[dict[str, float]]:
+def read_rows(path: Path, numbers: tuple[str, ...] = METRICS_COLUMNS) -> list[dict[str, float]]:
     """The complete rows of a metrics CSV (metrics.csv, steps.csv) as numbers. A last line without
     its newline (a file cut short) is left out, and a row with a missing or unparsable value ends
     the list."""
@@ -51,11 +60,11 @@ def read_rows(path: Path, numbers: tuple[str, ...] = EPOCH_NUMBERS) -> list[dict
 
 
 def epoch_rows(run_dir: Path) -> list[dict[str, float]]:
-    return [row for row in read_rows(Path(run_dir) / "metrics.csv") if {"epoch", "step", "wall_s"} <= set(row)]
+    return [row for row in read_rows(Path(run_dir) / METRICS_FILE) if {"epoch", "step", "wall_s"} <= set(row)]
 
 
 def last_step_row(run_dir: Path) -> dict[str, float] | None:
-    rows = read_rows(Path(run_dir) / "steps.csv", ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s"))
+    rows = read_rows(Path(run_dir) / STEPS_FILE, STEPS_COLUMNS)
     return rows[-1] if rows else None
 
 

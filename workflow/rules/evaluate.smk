@@ -24,8 +24,12 @@ rule evaluate:
         workers=config["evaluate"]["workers"],
     conda:
         "../../envs/train.yaml"
+    # Cores its job takes on this host: the run's processes with a local cluster (--cores bounds how
+    # many run at once), 1 under SLURM, where it only waits (runs_in_flight bounds how many wait).
+    threads: lambda wildcards: pipeline.host_cores(config, wildcards.run, pipeline.executor_name(workflow), evaluation=True)
     resources:
         mem_mb=1000,
+        runs_in_flight=1,
     localrule: True
     shell:
         "flashnet evaluate --run-dir {params.run_dir:q} --val-manifest {input.val:q} --launcher {params.launcher:q}"

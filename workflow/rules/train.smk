@@ -28,8 +28,12 @@ rule train:
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     conda:
         "../../envs/train.yaml"
+    # Cores its job takes on this host: the run's processes with a local cluster (--cores bounds how
+    # many run at once), 1 under SLURM, where it only waits (runs_in_flight bounds how many wait).
+    threads: lambda wildcards: pipeline.host_cores(config, wildcards.run, pipeline.executor_name(workflow))
     resources:
         mem_mb=1000,
+        runs_in_flight=1,
     localrule: True
     shell:
         "flashnet train --name {wildcards.run} --run {params.run:q} --launcher {params.launcher:q}"

@@ -16,7 +16,7 @@ from .plots import FIGURE_TITLES
 from .references import PUBLISHED_LABEL, REFERENCES
 from .runs import RunResults
 from .mlperf import COMPARABLE_ONLY, RCP_NOTE, TIME_TO_TRAIN_NOTE, rcp_table
-from .summary import recipe_table, references_table, software_table, summary_table
+from .summary import TIMING_NOTE, recipe_table, references_table, software_table, summary_table, timing_table
 from .tables import Table
 
 # Sections in page order: (id, heading, figures shown in it).
@@ -35,7 +35,8 @@ FIGURE_CAPTIONS = {
                         "★ where each run first reached its target.",
     "accuracy_vs_batch": "Final top-1 (eval.json) of each run at its global batch size. Hollow diamonds: "
                          "published records with a stated batch size, not measured here.",
-    "throughput": "Training images/s over all devices (steps.csv); dotted: each run's overall rate (summary.json).",
+    "throughput": "Training images/s over all devices (steps.csv), validation and checkpoint writes left out; "
+                  "dotted: each run's rate over its training steps (summary.json).",
     "lr_schedule": "Learning rate the optimizer used at each logged step (steps.csv).",
 }
 
@@ -126,10 +127,11 @@ def runs_section_body(runs: list[RunResults]) -> str:
         html_table(summary_table(runs))
         + '<p class="note">Top-1 and top-5: final evaluation of the last checkpoint on every validation image '
           "exactly once (eval.json). Time to target: training time until the first validation (after each of the "
-          "run's eval epochs) that reached the run's target; train time is the job's wall time in Lightning's fit "
-          "loop, validations, checkpoint writes and compilation included (process start-up and the final "
-          "evaluation excluded). "
+          "run's eval epochs) that reached the run's target, on the train time's clock; images/s is over training "
+          "steps only (see below). "
         + escape(TIME_TO_TRAIN_NOTE) + "</p>"
+        + '<h3 id="timing">Where the training time went</h3>' + html_table(timing_table(runs))
+        + f'<p class="note">{escape(TIMING_NOTE)}</p>'
         + "<h3>Recipe and hardware</h3>" + html_table(recipe_table(runs))
         + "<h3>Software</h3>" + html_table(software_table(runs))
         + f'<h3 id="rcp">MLPerf reference convergence points</h3><p class="badge published">{escape(COMPARABLE_ONLY)}'

@@ -222,7 +222,8 @@ def plot_accuracy_vs_batch(runs: list[RunResults], path: Path) -> Path:
 
 
 def plot_throughput(runs: list[RunResults], path: Path) -> Path:
-    """Training images/s over all devices (steps.csv) against wall time; dotted: each run's overall mean.
+    """Training images/s over all devices (steps.csv) against wall time; dotted: each run's rate over its
+    training steps (summary.json's images_per_s).
 
     Rates or lengths that differ widely across runs (CPU beside GPU) go on log axes."""
     colours = run_colours(runs)
@@ -239,7 +240,7 @@ def plot_throughput(runs: list[RunResults], path: Path) -> Path:
                       label=run_label(run))
             mean = float(run.summary["images_per_s"])
             axes.axhline(mean, color=colour, linestyle=":", linewidth=1.4,
-                         label=f"{run.name} overall: {format_rate(mean)} images/s")
+                         label=f"{run.name} over training steps: {format_rate(mean)} images/s")
         start_at_zero(axes)
         if spans_wide_range([float(run.summary["images_per_s"]) for run in runs]):
             axes.set_yscale("log")

@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 
 from ..data.sources import DataError
+from ..runfolder import METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, SUMMARY_FILE
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.csv"
-STEPS_FILE = "steps.csv"
 EVAL_FILE = "eval.json"
-
-METRICS_COLUMNS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
-STEPS_COLUMNS = ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s")
+# Measured since runs time their validations and checkpoints; older run folders lack them.
+LATER_METRICS_COLUMNS = ("validation_s",)
 SUMMARY_KEYS = ("run", "config", "world_size", "accelerator", "device_name", "precision", "epochs", "steps",
                 "target_top1", "time_to_target_s", "train_seconds", "images_per_s", "images_per_s_per_device",
                 "finished")
@@ -93,22 +90,24 @@ def _csv_number(text: str, path: Path, line: int, column: str) -> float:
         raise DataError(f"{path}: line {line}, column {column}: {text!r} is not a number") from None
 
 
-def read_numeric_csv(path: Path, columns: tuple[str, ...], rows_required: bool = True) -> dict[str, np.ndarray]:
+def read_numeric_csv(path: Path, columns: tuple[str, ...], rows_required: bool = True,
+                     optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The named columns of a CSV file with a header, as float arrays.
 
-    DataError if the file is missing, lacks one of ``columns``, has no data rows (unless not
-    ``rows_required``) or holds a cell that is not a number. Extra columns are ignored, so the
-    writer can add some without breaking the report.
+    DataError if the file is missing, lacks one of ``columns`` (other than the ``optional`` ones,
+    which are NaN when absent), has no data rows (unless not ``rows_required``) or holds a cell
+    that is not a number. Extra columns are ignored, so the writer can add some without breaking
+    the report.
     """
     if not path.is_file():
         raise DataError(f"{path}: missing")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        missing = [column for column in columns if column not in header]
+        missing = [column for column in columns if column not in header and column not in optional]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
-        rows = [[_csv_number(row[c], path, reader.line_num, c) for c in columns] for row in reader]
+        rows = [[_csv_number(row.get(c), path, reader.line_num, c) for c in columns] for row in reader]
     if not rows and rows_required:
         raise DataError(f"{path}: no data rows")
     table = np.asarray(rows, dtype=float).reshape(len(rows), len(columns))
@@ -165,7 +164,7 @@ def load_run(folder: str | Path) -> RunResults:
     return RunResults(
         folder=folder,
         summary=summary,
-        metrics=read_numeric_csv(folder / METRICS_FILE, METRICS_COLUMNS),
+        metrics=read_numeric_csv(folder / METRICS_FILE, METRICS_COLUMNS, optional=LATER_METRICS_COLUMNS),
         # A run shorter than log_every_steps (a smoke test) logs no step: its figures lack that line.
         steps=read_numeric_csv(folder / STEPS_FILE, STEPS_COLUMNS, rows_required=False),
         evaluation=read_evaluation(folder),

@@ -18,12 +18,21 @@ from .runs import RunResults
 from .tables import (Table, format_count, format_duration, format_percent, format_published_duration,
                      format_published_percent, format_rate, format_time_to_target, markdown_table)
 
+# summary.json's split of train_seconds (train/clock.py); absent in runs trained before it was measured
+TIMING_KEYS = ("step_seconds", "validation_seconds", "validations", "checkpoint_seconds", "checkpoints",
+               "startup_seconds", "job_segments")
 SUMMARY_CSV_COLUMNS = (
     "run", "model", "global_batch", "optimizer", "precision", "nodes", "devices_per_node", "world_size",
     "accelerator", "device_name", "epochs", "steps", "final_top1", "final_top5", "target_top1",
     "time_to_target_s", "epochs_to_target", "stopped_at_target", *MLPERF_CSV_COLUMNS, "train_seconds",
-    "images_per_s", "images_per_s_per_device", "eval_samples",
+    *TIMING_KEYS, "images_per_s", "images_per_s_per_device", "eval_samples",
 )
+NOT_MEASURED = "not measured"
+TIMING_NOTE = ("Train time is the fit's wall clock over all job segments (time queued between them excluded): "
+               "training steps, validations, resume checkpoint writes, and each job's start-up (from the start of "
+               "the fit to the end of its first step: loader workers, compilation, the first batch). Images/s is "
+               "over the training steps only (each job's first step left out). Runs trained before flashnet timed "
+               "these apart say not measured, and their images/s is over the whole train time.")
 
 
 def summary_csv_row(run: RunResults) -> dict[str, object]:
@@ -38,7 +47,7 @@ def summary_csv_row(run: RunResults) -> dict[str, object]:
         "epochs_to_target": s.get("epochs_to_target"), "stopped_at_target": s.get("stopped_at_epoch"),
         "train_seconds": s["train_seconds"],
         "images_per_s": s["images_per_s"], "images_per_s_per_device": s["images_per_s_per_device"],
-        "eval_samples": e["samples"], **mlperf_csv_fields(run),
+        "eval_samples": e["samples"], **{key: s.get(key) for key in TIMING_KEYS}, **mlperf_csv_fields(run),
     }
 
 
@@ -58,6 +67,38 @@ def summary_table(runs: list[RunResults]) -> Table:
                  "Images/s", "Images/s per device"),
         rows=tuple(rows), numeric=(False,) + (True,) * 8,
     )
+
+
+def format_share(seconds: float, total: float, detail: str = "") -> str:
+    """``"32 s (8%; 16 × 2 s)"``: a part of the train time, its share, and what it was made of."""
+    share = format_percent(seconds / total, 0) if total > 0 else "?"
+    return f"{format_duration(seconds)} ({share}{'; ' + detail if detail else ''})"
+
+
+def format_repeats(seconds: float, count: int) -> str:
+    """``"16 × 2 s"``: how many times, and the mean of each."""
+    return f"{count:,} × {format_duration(seconds / count)}" if count else "none"
+
+
+def timing_row(run: RunResults) -> tuple[str, ...]:
+    """Where one run's train time went; ``not measured`` for a run from before it was split."""
+    r = summary_csv_row(run)
+    total = r["train_seconds"]
+    if r["step_seconds"] is None:
+        return (r["run"], format_duration(total), *[NOT_MEASURED] * 4)
+    jobs = r["job_segments"]
+    return (
+        r["run"], format_duration(total), format_share(r["step_seconds"], total),
+        format_share(r["validation_seconds"], total, format_repeats(r["validation_seconds"], r["validations"])),
+        format_share(r["checkpoint_seconds"], total, format_repeats(r["checkpoint_seconds"], r["checkpoints"])),
+        format_share(r["startup_seconds"], total, f"{jobs} job{'s' if jobs != 1 else ''}"),
+    )
+
+
+def timing_table(runs: list[RunResults]) -> Table:
+    """Where the train time went: training steps, validation, checkpoint writes, start-up."""
+    return Table(headers=("Run", "Train time", "Training steps", "Validation", "Checkpoint writes", "Start-up"),
+                 rows=tuple(timing_row(run) for run in runs), numeric=(False,) + (True,) * 5)
 
 
 def format_epochs(epochs: float, stopped_at_epoch: int | None) -> str:
@@ -126,6 +167,7 @@ def summary_markdown(runs: list[RunResults], projections: list[proj.Projection],
         "evaluation (eval.json: every validation image once); time to target is training time until the "
         "first validation (after each of the run's eval epochs) that reached its target top-1.\n",
         "## Runs\n", markdown_table(summary_table(runs)), TIME_TO_TRAIN_NOTE + "\n",
+        "### Where the training time went\n", markdown_table(timing_table(runs)), TIMING_NOTE + "\n",
         "### Recipe and hardware\n", markdown_table(recipe_table(runs)),
         "### Software\n", markdown_table(software_table(runs)),
         f"### MLPerf reference convergence points ({COMPARABLE_ONLY})\n", RCP_NOTE + "\n",

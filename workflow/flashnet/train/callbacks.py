@@ -1,5 +1,5 @@
-"""Lightning callbacks: honest timing, the per-epoch and per-step records, resume checkpoints, and
-plain progress lines for job logs.
+"""Lightning callbacks: the per-epoch and per-step records (timed by :class:`.clock.TrainClock`),
+resume checkpoints, and plain progress lines for job logs.
 
 Every record lives in the callbacks' checkpointed state, and the CSV files are rewritten from that
 state, so a run resumed from an earlier checkpoint never lists an epoch twice.
@@ -7,12 +7,11 @@ state, so a run resumed from an earlier checkpoint never lists an epoch twice.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +19,11 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from ..files import atomic_path
 from ..progress import format_duration
+from ..runfolder import METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
 from .checkpoints import save_resume
-
-EPOCH_FIELDS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr")
-STEP_FIELDS = ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s")
+from .clock import CHECKPOINT, VALIDATION, TrainClock
 
 
 class Preempted(Exception):
@@ -47,47 +46,20 @@ class StopRequest:
         self.requested, self.reason = True, reason
 
 
-def synchronize(trainer: pl.Trainer) -> None:
-    """Wait for queued device work, so a clock read measures it (no-op on CPU)."""
-    device = trainer.strategy.root_device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-class TrainClock(pl.Callback):
-    """Training wall time summed over job segments (requeues don't count the time spent queued).
-    Reads are taken after a device synchronisation."""
-
-    def __init__(self):
-        self.before = 0.0  # seconds trained by earlier segments
-        self.segment_start = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        synchronize(trainer)
-        self.segment_start = time.perf_counter()
-
-    def elapsed(self, trainer: pl.Trainer) -> float:
-        synchronize(trainer)
-        return self.before + (time.perf_counter() - self.segment_start)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"elapsed": self.before if self.segment_start is None else self.before + time.perf_counter() - self.segment_start}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.before = state["elapsed"]
 
 
 class RunRecords(pl.Callback):
-    """Per-epoch rows (metrics.csv) and per-log-interval rows (steps.csv), written by rank 0."""
+    """Per-epoch rows (metrics.csv) and per-log-interval rows (steps.csv), written by rank 0.
+
+    ``wall_s`` is the fit's wall clock (validation and checkpoints included: time to target counts
+    them); ``images_per_s`` is over the training time of its stretch, validation and checkpoint
+    writes left out (a job's start-up stays in its first stretch); ``validation_s`` is how long that
+    row's validation took."""
 
     def __init__(self, out_dir: Path, clock: TrainClock, global_batch: int, steps_per_epoch: int,
                  log_every_steps: int, target_top1: float):
@@ -102,33 +74,37 @@ class RunRecords(pl.Callback):
         self._mark = None  # (wall_s, step) at the start of the current measured stretch
         self._epoch_mark = None
 
+    def _point(self, trainer) -> tuple[float, int]:
+        return self.clock.training_elapsed(trainer), trainer.global_step
+
+    def _rate(self, trainer, mark: tuple[float, int]) -> float:
+        seconds, step = self._point(trainer)
+        return (step - mark[1]) * self.global_batch / max(seconds - mark[0], 1e-9)
+
     # measured stretches start after a synchronisation, and only at batch boundaries
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._epoch_mark = self._mark = (self.clock.elapsed(trainer), trainer.global_step)
+        self._epoch_mark = self._mark = self._point(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.log_every_steps or not trainer.is_global_zero:
             return
-        wall = self.clock.elapsed(trainer)
-        last_wall, last_step = self._mark
-        self._mark = (wall, step)
+        rate = self._rate(trainer, self._mark)
+        self._mark = self._point(trainer)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.steps.append({
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
-            "wall_s": round(wall, 3),
+            "wall_s": round(self.clock.elapsed(trainer), 3),
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "train_loss": round(float(loss), 5),
-            "images_per_s": round((step - last_step) * self.global_batch / max(wall - last_wall, 1e-9), 1),
+            "images_per_s": round(rate, 1),
         })
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        wall = self.clock.elapsed(trainer)
-        start_wall, start_step = self._epoch_mark
-        self._epoch_images_per_s = (trainer.global_step - start_step) * self.global_batch / max(wall - start_wall, 1e-9)
+        self._epoch_images_per_s = self._rate(trainer, self._epoch_mark)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -144,14 +120,15 @@ class RunRecords(pl.Callback):
             "val_top5": round(float(metrics["val_top5"]), 6),
             "images_per_s": round(self._epoch_images_per_s, 1),
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "validation_s": round(self.clock.last[VALIDATION], 3),  # the clock callback runs first
         }
         self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
         self.write(trainer)
 
     def write(self, trainer) -> None:
         if trainer.is_global_zero:
-            write_csv(self.out_dir / "metrics.csv", EPOCH_FIELDS, self.epochs)
-            write_csv(self.out_dir / "steps.csv", STEP_FIELDS, self.steps)
+            write_csv(self.out_dir / METRICS_FILE, METRICS_COLUMNS, self.epochs)
+            write_csv(self.out_dir / STEPS_FILE, STEPS_COLUMNS, self.steps)
 
     def time_to_target(self) -> tuple[float | None, float | None]:
         """(seconds, epochs) at the first validation that reached the target top-1."""
@@ -166,7 +143,7 @@ class RunRecords(pl.Callback):
         self.steps = [r for r in self.steps if r["step"] <= trainer.global_step]
         self.epochs = [r for r in self.epochs if r["step"] <= trainer.global_step]
         self.write(trainer)
-        self._epoch_mark = self._mark = (self.clock.elapsed(trainer), trainer.global_step)
+        self._epoch_mark = self._mark = self._point(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "steps": self.steps}
@@ -223,18 +200,21 @@ class PlainProgress(pl.Callback):
         self.stream = stream or sys.stdout
         self._mark = None
 
+    def _point(self, trainer) -> tuple[float, float, int]:
+        return self.clock.elapsed(trainer), self.clock.training_elapsed(trainer), trainer.global_step
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self._mark = (self.clock.elapsed(trainer), trainer.global_step)
+        self._mark = self._point(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.every_steps or not trainer.is_global_zero:
             return
-        wall = self.clock.elapsed(trainer)
-        rate = (step - self._mark[1]) * self.global_batch / max(wall - self._mark[0], 1e-9)
-        self._mark = (wall, step)
-        steps_per_s = rate / self.global_batch
-        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+        (last_wall, last_trained, last_step), self._mark = self._mark, self._point(trainer)
+        wall, trained, _ = self._mark
+        # img/s over training time; the ETA at the wall-clock pace, validations and checkpoints included
+        rate = (step - last_step) * self.global_batch / max(trained - last_trained, 1e-9)
+        eta = (self.total_steps - step) * (wall - last_wall) / (step - last_step) if step > last_step else math.inf
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         print(f"epoch {trainer.current_epoch + 1}/{math.ceil(self.epochs)} step {step}/{self.total_steps} "
               f"loss {float(loss):.4f} lr {trainer.optimizers[0].param_groups[0]['lr']:.4g} "
@@ -259,8 +239,10 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
     """
 
     def __init__(self, path: Path, every_steps: int, check_every: int, steps_per_epoch: int, stop: StopRequest,
-                 scaler_watch: bool = False, validates: Callable[[int], bool] = lambda epoch: True):
+                 scaler_watch: bool = False, validates: Callable[[int], bool] = lambda epoch: True,
+                 clock: TrainClock | None = None):
         self.path = path
+        self.clock = clock  # times each write, when given
         self.every_steps = every_steps
         self.check_every = check_every
         self.steps_per_epoch = steps_per_epoch
@@ -271,7 +253,8 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         self._last_scale = None
 
     def save(self, trainer: pl.Trainer) -> None:
-        save_resume(trainer, self.path)  # the previous checkpoint survives until this one is complete
+        with self.clock.timed(CHECKPOINT, trainer) if self.clock else contextlib.nullcontext():
+            save_resume(trainer, self.path)  # the previous checkpoint survives until this one is complete
 
     def _agree(self, trainer, pl_module) -> tuple[bool, int]:
         flags = torch.stack([

@@ -17,6 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from ..files import atomic_path
+
 
 def previous_path(path: Path) -> Path:
     """``last.ckpt`` → ``last.prev.ckpt``: the checkpoint before the newest."""
@@ -34,15 +36,24 @@ def _fsync(path: Path, directory: bool = False) -> None:
 def save_resume(trainer, path: Path) -> None:
     """Write the resume checkpoint (every rank calls this; rank 0 writes), keeping the previous one
     as :func:`previous_path` until the new one is complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)
-    if trainer.is_global_zero:
-        _fsync(tmp)
-        if path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
+    if not trainer.is_global_zero:
+        trainer.save_checkpoint(path)  # writes nothing here; joins rank 0's collectives
+    else:
+        remove_partial(path)
+        with atomic_path(path) as tmp:
+            trainer.save_checkpoint(tmp)
+            _fsync(tmp)
+            if path.exists():
+                os.replace(path, previous_path(path))
         _fsync(path.parent, directory=True)
     trainer.strategy.barrier("resume-checkpoint")
+
+
+def remove_partial(path: Path) -> None:
+    """Temporary files of a job killed while writing ``path`` (one job per run writes it, so none is
+    in progress); each is as large as a checkpoint."""
+    for leftover in path.parent.glob(f".{path.name}.tmp*"):
+        leftover.unlink(missing_ok=True)
 
 
 def damage(path: Path) -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -26,10 +25,13 @@ from pytorch_lightning.strategies import DDPStrategy
 from ..config import ConfigError, MlperfConfig, RunConfig, device_problem
 from ..data.epochs import TrainSamples, shard_paths
 from ..data.manifest import verify_manifest
+from ..files import write_json
 from ..machine import cpu_model
 from ..mlperf.log import MLPerfLog, platform_name
+from ..runfolder import SUMMARY_FILE
 from . import checkpoints
-from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest, TrainClock
+from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
+from .clock import TrainClock
 from .datamodule import ShardData
 from .module import ImageNetClassifier
 from .schedule import schedule_for_run, steps_per_epoch, total_steps
@@ -157,7 +159,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
         mlperf_log,
         ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
-                          scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch),
+                          scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch, clock=clock),
     ]
     interactive = sys.stderr.isatty()
     if not interactive:
@@ -225,8 +227,6 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
     records.write(trainer)
     last = records.epochs[-1]
     seconds, epochs = records.time_to_target()
-    train_seconds = clock.elapsed(trainer)
-    images = trainer.global_step * run.batch_size
     summary = {
         "run": spec.name,
         "config": run.to_dict(),
@@ -247,9 +247,8 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
         "max_steps": total_steps(run.epochs, records.steps_per_epoch),
         "time_to_target_s": seconds,
         "epochs_to_target": epochs,
-        "train_seconds": round(train_seconds, 3),
-        "images_per_s": round(images / train_seconds, 2),
-        "images_per_s_per_device": round(images / train_seconds / trainer.world_size, 2),
+        # train_seconds: the fit's wall clock, split into step, validation, checkpoint and start-up time
+        **clock.summary(trainer, trainer.global_step, run.batch_size),
         "steady_images_per_s_per_device": steady_rate(records.epochs, trainer.world_size),
         "gradient_allreduce_dtype": allreduce_dtype(run, accelerator),
         "train_samples": train_manifest["samples"],
@@ -259,9 +258,7 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
         "finished": True,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
+    write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from ..config import ConfigError, RunConfig
+from ..files import write_json
 
 EXTRA = "trackers"
 # logger name → the module it needs (installed by `pip install 'flashnet[trackers]'`)
@@ -68,10 +69,7 @@ def read_state(out_dir: Path) -> dict[str, str]:
 
 
 def write_state(out_dir: Path, state: dict[str, str]) -> None:
-    path = Path(out_dir) / STATE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(out_dir) / STATE_FILE, state, sort_keys=True)
 
 
 def build_loggers(run: RunConfig, name: str, out_dir: Path) -> list[pl.loggers.Logger]:
