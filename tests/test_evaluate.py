@@ -127,8 +127,8 @@ def test_a_val_shard_damaged_after_its_manifest_is_named_before_any_job(trained,
 
 
 def test_a_failed_evaluation_job_is_reported_on_stderr_as_training_is(trained, tiny_dataset, tmp_path, capsys):
-    """Evaluation printed its job's failure to stdout, training to stderr; `flashnet status` reads
-    the `flashnet evaluate: ` line from the rule's log either way, but a terminal showed only one."""
+    """Evaluation printed its job's failure to stdout, training to stderr: one message, one stream,
+    through the job layer, and `flashnet status` reads it back from the rule's log."""
     args = argparse.Namespace(**{**vars(args_for(trained, tiny_dataset, tmp_path / "eval.json")), "workers": -1})
     with pytest.raises(SystemExit) as exit_:
         evaluate.evaluate_from_cli(args)  # a negative worker count fails inside the job
