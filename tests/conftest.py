@@ -2,7 +2,7 @@
 mode), so tests can import the helpers kept here, e.g. `from browser import load_page`.
 
 ``tiny_dataset``: shards of a tiny sample dataset (4 classes, 40 train and 10 val images per class,
-small JPEGs) and a run that trains on them in seconds.
+small JPEGs), a run that trains on them in seconds and a launcher for local jobs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flashnet.config import RunConfig
+from flashnet.config import LauncherConfig, RunConfig
 from flashnet.data import sample, shards, sources
 from flashnet.data.manifest import build_manifest
 
@@ -25,6 +25,10 @@ class TinyDataset:
     @staticmethod
     def run(**overrides) -> dict:
         return make_tiny_run(**overrides)
+
+    @staticmethod
+    def launcher(**overrides) -> LauncherConfig:
+        return local_launcher(**overrides)
 
 
 def build_shards(data_dir: Path, out: Path, samples_per_shard: int = 32) -> None:
@@ -56,6 +60,11 @@ def make_tiny_run(**overrides) -> dict:
     return RunConfig.from_dict(run).to_dict()
 
 
+def local_launcher(**overrides) -> LauncherConfig:
+    """Local jobs on this machine, one CPU per task; keys not named here take the schema's defaults."""
+    return LauncherConfig.from_dict({"cluster": "local", "cpus_per_task": 1, "poll_s": 0.2, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_run():
     return make_tiny_run
@@ -64,13 +73,13 @@ def tiny_run():
 @pytest.fixture
 def running_invocation():
     """``running_invocation(jobs_folder)``: stand-ins for another invocation's waiting `flashnet
-    train` and its submitit controller, recorded in the folder's active.json as the launcher records
+    train` and its submitit controller, recorded in the folder's active.json as the job layer records
     them; returns the record. Both processes are killed afterwards."""
     import json
     import socket
     import sys
 
-    from flashnet.train import launch
+    from flashnet.jobs import lock
 
     processes = []
 
@@ -80,7 +89,7 @@ def running_invocation():
         processes.extend([waiter, controller])
         record = {"cluster": "local", "job_id": str(controller.pid), "host": socket.gethostname(), "pid": waiter.pid}
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / launch.ACTIVE_JOB).write_text(json.dumps(record))
+        (folder / lock.ACTIVE_JOB).write_text(json.dumps(record))
         return record
 
     yield start

@@ -11,22 +11,22 @@ import pytest
 import torch
 import torchvision
 
-from flashnet import evaluate
+from flashnet import evaluate, status
+from flashnet.config import RunConfig
 from flashnet.data.transforms import center_crop_box, decode_crop, normalize
 from flashnet.data.manifest import read_shard_samples
 from flashnet.data.sources import DataError
 from flashnet.train.callbacks import StopRequest
 from flashnet.train.recipe import TrainSpec, train
 
-LOCAL = dict(cluster="local", timeout_min=30, signal_delay_s=60, max_num_timeout=3, cpus_per_task=1,
-             mem_gb_per_node=None, setup=[], ddp_timeout_s=120, poll_s=0.2, slurm_extra={})
+LOCAL = dict(cluster="local", cpus_per_task=1, ddp_timeout_s=120, poll_s=0.2)  # as the rule passes it
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     spec = TrainSpec("tiny", tiny_dataset.run(epochs=2), str(tiny_dataset.train_manifest),
-                     str(tiny_dataset.val_manifest), str(out))
+                     str(tiny_dataset.val_manifest), str(out), tiny_dataset.launcher())
     train(spec, None, StopRequest())
     return out
 
@@ -34,7 +34,8 @@ def trained(tiny_dataset, tmp_path_factory):
 def reference_predictions(model_path, val_manifest) -> tuple[int, int]:
     """(correct, total) computed directly: every val sample, decoded and classified one at a time."""
     record = torch.load(model_path, weights_only=True)
-    model = torchvision.models.get_model(record["model"], num_classes=record["num_classes"])
+    run = RunConfig.from_dict(record["run"])
+    model = torchvision.models.get_model(run.model, num_classes=record["num_classes"])
     model.load_state_dict(record["state_dict"])
     model.eval()
     manifest = json.loads(val_manifest.read_text())
@@ -44,8 +45,8 @@ def reference_predictions(model_path, val_manifest) -> tuple[int, int]:
             import simplejpeg
 
             height, width, _, _ = simplejpeg.decode_jpeg_header(fields["jpg"])
-            box = center_crop_box(width, height, record["eval_resize"], record["image_size"])
-            image = decode_crop(fields["jpg"], box, record["image_size"]).unsqueeze(0)
+            box = center_crop_box(width, height, run.eval_resize, run.image_size)
+            image = decode_crop(fields["jpg"], box, run.image_size).unsqueeze(0)
             with torch.no_grad():
                 predicted = int(model(normalize(image, torch.contiguous_format)).argmax())
             correct += predicted == int(fields["cls"])
@@ -55,7 +56,7 @@ def reference_predictions(model_path, val_manifest) -> tuple[int, int]:
 
 def test_evaluation_counts_every_val_sample_once_and_agrees(trained, tiny_dataset):
     spec = evaluate.EvalSpec(str(trained / "model.pt"), str(tiny_dataset.val_manifest), batch_size=7, devices=1,
-                             workers=2)
+                             workers=2, launcher=tiny_dataset.launcher())
     results = evaluate.evaluate(spec, None)
     assert results["samples"] == 40
     correct, total = reference_predictions(trained / "model.pt", tiny_dataset.val_manifest)
@@ -97,28 +98,14 @@ def test_unfinished_training_is_refused(trained, tiny_dataset, tmp_path):
         evaluate.evaluate_from_cli(args_for(tmp_path, tiny_dataset, tmp_path / "eval.json"))
 
 
-def test_a_checkpoint_that_does_not_load_is_named(tmp_path):
-    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match=r"model\.pt: not a loadable checkpoint"):
-        evaluate.load_final_model(tmp_path / "model.pt")
-
-
-def test_weights_of_another_architecture_are_named(trained, tmp_path):
-    record = torch.load(trained / "model.pt", weights_only=True)
-    record["state_dict"] = torchvision.models.resnet34(num_classes=4).state_dict()
-    torch.save(record, tmp_path / "model.pt")
-    with pytest.raises(DataError, match="weights do not fit a resnet18 with 4 classes"):
-        evaluate.load_final_model(tmp_path / "model.pt")
-
-
 def test_a_sample_count_that_differs_from_the_manifest_fails(trained, tiny_dataset, tmp_path, monkeypatch):
-    real = evaluate.launch.follow
+    real = evaluate.run_job
 
     def one_short(*args, **kwargs):
         results = real(*args, **kwargs)
         return {**results, "samples": results["samples"] - 1}
 
-    monkeypatch.setattr(evaluate.launch, "follow", one_short)
+    monkeypatch.setattr(evaluate, "run_job", one_short)
     with pytest.raises(DataError, match="evaluated 39 samples but .* lists 40"):
         evaluate.evaluate_from_cli(args_for(trained, tiny_dataset, tmp_path / "eval.json"))
     assert not (tmp_path / "eval.json").exists()
@@ -137,3 +124,16 @@ def test_a_val_shard_damaged_after_its_manifest_is_named_before_any_job(trained,
     with pytest.raises(DataError, match=rf"^{shard}: sha256 differs from {copy / 'manifest.json'}"):
         evaluate.evaluate_from_cli(args)
     assert not (trained / "jobs" / "active.json").exists() and not (tmp_path / "eval.json").exists()
+
+
+def test_a_failed_evaluation_job_is_reported_on_stderr_as_training_is(trained, tiny_dataset, tmp_path, capsys):
+    """Evaluation printed its job's failure to stdout, training to stderr: one message, one stream,
+    through the job layer, and `flashnet status` reads it back from the rule's log."""
+    args = argparse.Namespace(**{**vars(args_for(trained, tiny_dataset, tmp_path / "eval.json")), "workers": -1})
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.evaluate_from_cli(args)  # a negative worker count fails inside the job
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("flashnet evaluate: job ") and "flashnet evaluate:" not in out, (out, err)
+    assert status.failure(out + err, "evaluate").startswith("failed: ")
+    assert not (tmp_path / "eval.json").exists()

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from flashnet import cli, status
+from flashnet.jobs import slurm
 from flashnet.runfolder import METRICS_COLUMNS, STEPS_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,17 +72,8 @@ def make_run(results: Path, name: str, epochs: int = 0, job: tuple[str, str] | N
 
 
 def status_of(results: Path, name: str, sacct_text: str | None = None, alive: bool = False) -> status.RunStatus:
-    sacct = (lambda job_id: None) if sacct_text is None else (lambda job_id: status.parse_sacct(sacct_text, job_id))
+    sacct = (lambda job_id: None) if sacct_text is None else (lambda job_id: slurm.parse_sacct(sacct_text, job_id))
     return status.run_status(name, RUN, results, TRAIN_SAMPLES, sacct=sacct, alive=lambda job_id: alive)
-
-
-def test_parse_sacct_keeps_one_record_per_run_of_the_job():
-    attempts = status.parse_sacct(SACCT_REQUEUED_TWICE + "43|RUNNING|flashnet-n1|5|0:0\n", "42")
-    assert [(a.state, a.nodes, a.elapsed_s) for a in attempts] == [
-        ("REQUEUED", "flashnet-n1", 95), ("PREEMPTED", "flashnet-n2", 40), ("RUNNING", "flashnet-n[1-2]", 12)]
-    assert status.parse_sacct(SACCT_CANCELLED, "42")[0].state == "CANCELLED"
-    assert status.parse_sacct(SACCT_PENDING, "42")[0].nodes == ""
-    assert status.parse_sacct("garbage\n42|RUNNING\n", "42") == []
 
 
 def test_not_started(tmp_path):

@@ -32,7 +32,7 @@ FORCED_CLOSED = {"org": "flashnet-tests", "division": "closed"}
 
 def make_spec(tiny_dataset, out: Path, mlperf: dict, **overrides) -> TrainSpec:
     return TrainSpec("tiny", tiny_dataset.run(**{**CLOSED_LIKE, **overrides}), str(tiny_dataset.train_manifest),
-                     str(tiny_dataset.val_manifest), str(out), mlperf=mlperf)
+                     str(tiny_dataset.val_manifest), str(out), tiny_dataset.launcher(), mlperf=mlperf)
 
 
 def records(path: Path) -> list[dict]:

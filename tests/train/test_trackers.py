@@ -36,7 +36,8 @@ def tracked_run(tiny_dataset, tmp_path_factory):
         patch.setenv("WANDB_CACHE_DIR", str(root / "wandb-cache"))
         patch.setenv("WANDB_SILENT", "true")
         run = tiny_dataset.run(loggers=["csv", "tensorboard", "mlflow", "wandb"], mlflow_tracking_uri=mlruns)
-        spec = TrainSpec("tiny", run, str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest), str(out))
+        spec = TrainSpec("tiny", run, str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest), str(out),
+                         tiny_dataset.launcher())
         summary = train(spec, None, StopRequest())
     return out, mlruns, summary
 

@@ -13,20 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashnet.config import LauncherConfig, RunConfig
+from flashnet.jobs import follow
 from flashnet.train import launch
 from flashnet.train.recipe import TrainSpec
 
 pytestmark = pytest.mark.e2e
 
-LAUNCHER = dict(cluster="local", timeout_min=30, signal_delay_s=60, max_num_timeout=3, cpus_per_task=1,
-                mem_gb_per_node=None, setup=[], ddp_timeout_s=120, poll_s=0.5, slurm_extra={})
-
 
 def start(tiny_dataset, out: Path, **overrides):
     run = tiny_dataset.run(devices_per_node=2, batch_size=16, epochs=2, log_every_steps=1, **overrides)
-    spec = TrainSpec("ddp", run, str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest), str(out), 120, 1)
-    return launch.submit_training(spec, RunConfig.from_dict(run), LauncherConfig.from_dict(LAUNCHER))
+    spec = TrainSpec("ddp", run, str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest), str(out),
+                     tiny_dataset.launcher(ddp_timeout_s=120, poll_s=0.5))
+    return launch.submit_training(spec)
 
 
 def task_pids(folder: Path) -> list[int]:
@@ -46,7 +44,7 @@ def wait_for_step(job, step: int, timeout: float = 300) -> None:
 
 def test_ddp_job_survives_two_usr2_interruptions(tiny_dataset, tmp_path):
     reference = start(tiny_dataset, tmp_path / "reference")
-    expected = launch.wait(reference, 0.5)
+    expected = follow.wait(reference, 0.5)
     assert expected["world_size"] == 2 and expected["steps"] == 20
 
     job = start(tiny_dataset, tmp_path / "interrupted")
@@ -55,7 +53,7 @@ def test_ddp_job_survives_two_usr2_interruptions(tiny_dataset, tmp_path):
         for pid in task_pids(tmp_path / "interrupted" / "jobs"):
             os.kill(pid, signal.SIGUSR2)  # as SLURM does: every task gets the signal
         time.sleep(1)
-    summary = launch.wait(job, 0.5)
+    summary = follow.wait(job, 0.5)
 
     log = job.paths.stdout.read_text()
     assert log.count("requeueing") == 2 and log.count("resuming from") == 2
@@ -69,11 +67,6 @@ def test_ddp_job_survives_two_usr2_interruptions(tiny_dataset, tmp_path):
     differing = {name: float((b[name].double() - a[name].double()).abs().max()) for name in a}
     assert max(differing.values()) <= 1e-6, sorted(differing.items(), key=lambda kv: -kv[1])[:5]
     assert summary["final_top1"] == expected["final_top1"]
-
-
-def test_job_folder_is_private(tiny_dataset, tmp_path):
-    folder = launch.private_dir(tmp_path / "jobs")
-    assert folder.stat().st_mode & 0o777 == 0o700
 
 
 def test_ddp_job_with_trackers_requeued_logs_to_one_run_and_says_so(tiny_dataset, tmp_path, monkeypatch):
@@ -95,7 +88,7 @@ def test_ddp_job_with_trackers_requeued_logs_to_one_run_and_says_so(tiny_dataset
     wait_for_step(job, 3)
     for pid in task_pids(out / "jobs"):
         os.kill(pid, signal.SIGUSR2)
-    summary = launch.wait(job, 0.5, progress)
+    summary = follow.wait(job, 0.5, progress)
     assert summary["world_size"] == 2
 
     said = terminal.getvalue()

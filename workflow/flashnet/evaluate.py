@@ -7,75 +7,49 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import DDPStrategy
 
-from .config import ConfigError, LauncherConfig, RunConfig
+from .config import ConfigError, LauncherConfig
+from .data.checksums import sha256_file
 from .data.epochs import shard_paths
 from .data.loader import ValSpec, val_loader
-from .data.checksums import sha256_file
 from .data.manifest import verify_manifest
 from .data.sources import DataError
-from .runfolder import short_reason
-from .train import launch
-from .train.module import Evaluator, build_model
-from .train.recipe import MODEL_FORMAT, resolve_accelerator
+from .files import write_json
+from .jobs.submit import run_job
+from .jobs.task import lightning_environment
+from .train.modelfile import load_model
+from .train.module import Evaluator
+from .train.trainer import build_trainer, resolve_accelerator
 from .watch import ProgressLines, open_progress_fd
-
-
-def load_final_model(path: Path) -> dict[str, Any]:
-    """Read model.pt (tensors and plain values only: ``weights_only=True``) and check it."""
-    if not path.exists():
-        raise DataError(f"{path}: missing: training did not finish")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which and why
-        raise DataError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
-        raise DataError(f"{path}: not a flashnet model file")
-    run = RunConfig.from_dict(record["run"], record["name"])
-    try:
-        build_model(run, record["num_classes"]).load_state_dict(record["state_dict"])
-    except RuntimeError as error:
-        raise DataError(f"{path}: weights do not fit a {run.model} with {record['num_classes']} classes: "
-                        f"{str(error).splitlines()[0]}") from None
-    return record
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
+    """What an evaluation job needs; pickled by submitit into the job folder."""
+
     model_path: str
     val_manifest: str
     batch_size: int
     devices: int
     workers: int
-    cpus_per_task: int = 1
+    launcher: LauncherConfig  # how the job was sized: its CPUs per task and DDP timeout
 
 
 def evaluate(spec: EvalSpec, cluster_environment) -> dict[str, Any] | None:
-    record = load_final_model(Path(spec.model_path))
-    run = RunConfig.from_dict(record["run"], record["name"])
+    model_file = load_model(spec.model_path)
+    run = model_file.run
     accelerator = resolve_accelerator(dataclasses.replace(run, decode_device="cpu"))
-    if accelerator == "cpu":
-        torch.set_num_threads(spec.cpus_per_task)
     manifest = verify_manifest(spec.val_manifest)
-    module = Evaluator(run, record["num_classes"], record["state_dict"])
+    module = Evaluator(run, model_file.num_classes, model_file.network.state_dict())
     if accelerator == "gpu":
         module.model.to(memory_format=torch.channels_last)
-    strategy = "auto"
-    if spec.devices > 1:
-        strategy = DDPStrategy(cluster_environment=cluster_environment,
-                               process_group_backend="nccl" if accelerator == "gpu" else "gloo")
-    trainer = pl.Trainer(accelerator=accelerator, devices=spec.devices, strategy=strategy, logger=False,
-                         precision=run.precision, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False,
-                         plugins=[cluster_environment] if spec.devices == 1 and cluster_environment else None)
+    trainer = build_trainer(accelerator, run.precision, 1, spec.devices, cluster_environment,
+                            spec.launcher.ddp_timeout_s, spec.launcher.cpus_per_task,
+                            logger=False, enable_progress_bar=False, enable_checkpointing=False)
     loader_spec = ValSpec(shard_paths(spec.val_manifest, manifest), tuple(s["samples"] for s in manifest["shards"]),
                           trainer.global_rank, trainer.world_size, spec.batch_size, run.image_size, run.eval_resize,
                           spec.workers)
@@ -85,18 +59,26 @@ def evaluate(spec: EvalSpec, cluster_environment) -> dict[str, Any] | None:
         return None
     results = dict(module.results)
     results["wall_s"] = round(time.perf_counter() - start, 3)
-    results["per_class_top1"] = dict(zip(record["wnids"], results.pop("per_class")))
+    results["per_class_top1"] = dict(zip(model_file.wnids, results.pop("per_class")))
     return results
 
 
 class EvalJob:
-    """Submitit's callable for one evaluation."""
+    """Submitit's callable for one evaluation (a :class:`~flashnet.jobs.submit.JobKind`)."""
 
-    def __init__(self, spec: EvalSpec):
-        self.spec = spec
+    command = "evaluate"
+    activity = "evaluation"
+    nodes = 1
+
+    def __init__(self, spec: EvalSpec, run_name: str):
+        self.spec, self.run_name = spec, run_name
+        self.job_name, self.tasks_per_node = f"flashnet-eval-{run_name}", spec.devices
+
+    def before_submit(self) -> str:
+        return ""
 
     def __call__(self) -> dict[str, Any] | None:
-        return evaluate(self.spec, launch.lightning_environment())
+        return evaluate(self.spec, lightning_environment())
 
 
 def evaluate_from_cli(args: argparse.Namespace) -> None:
@@ -105,33 +87,21 @@ def evaluate_from_cli(args: argparse.Namespace) -> None:
     if not summary_path.exists() or not json.loads(summary_path.read_text()).get("finished"):
         raise DataError(f"{summary_path}: missing or unfinished: training did not finish")
     model_path = run_dir / "model.pt"
-    record = load_final_model(model_path)
+    model_file = load_model(model_path)  # checked here, before any job is queued; the job reads it again
     manifest = verify_manifest(args.val_manifest, full=True)
-    if manifest["wnids"] != record["wnids"]:
+    if manifest["wnids"] != model_file.wnids:
         raise DataError(f"{model_path} was trained on other classes than {args.val_manifest} lists")
     launcher = LauncherConfig.from_dict(args.launcher)
     if launcher.cluster == "local" and args.devices > 1 and launcher.gpus_per_node == 0 and torch.cuda.is_available():
         raise ConfigError("evaluate.devices > 1 needs as many local devices")
     spec = EvalSpec(str(model_path.resolve()), str(args.val_manifest.resolve()), args.batch_size, args.devices,
-                    args.workers, launcher.cpus_per_task)
-    folder = launch.private_dir(run_dir / "jobs")
-    progress = ProgressLines(f"evaluate {record['name']}", open_progress_fd(args.progress_fd))
-    executor = launch.make_executor(launcher, 1, args.devices, folder, f"flashnet-eval-{record['name']}")
-    try:
-        launch.refuse_if_running(folder)
-        job = executor.submit(EvalJob(spec))
-        progress.submitted(launcher.cluster, str(job.job_id), args.log_file, job.paths.folder, "evaluation")
-        results = launch.follow(job, folder, launcher.cluster, launcher.poll_s, progress)
-    except launch.JobFailed as error:
-        progress.say(f"failed: {short_reason(str(error))}" + (f" (see {args.log_file})" if args.log_file else ""))
-        print(f"flashnet evaluate: {error}")
-        raise SystemExit(1)
+                    args.workers, launcher)
+    progress = ProgressLines(f"evaluate {model_file.name}", open_progress_fd(args.progress_fd))
+    results = run_job(EvalJob(spec, model_file.name), launcher, run_dir / "jobs", progress, args.log_file)
     if results["samples"] != manifest["samples"]:
         raise DataError(f"evaluated {results['samples']} samples but {args.val_manifest} lists {manifest['samples']}")
     results.update(expected_samples=manifest["samples"], checkpoint=str(model_path),
-                   checkpoint_sha256=sha256_file(model_path), run=record["name"])
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, args.out)
+                   checkpoint_sha256=sha256_file(model_path), run=model_file.name)
+    write_json(args.out, results)
     progress.say(f"finished: top-1 {100 * results['top1']:.2f} %, top-5 {100 * results['top5']:.2f} % over "
                  f"{results['samples']} val images → {args.out}")

@@ -227,11 +227,11 @@ def refuse_run_in_progress(config: dict[str, Any], run: str) -> list[str]:
     folder = Path(results(config, "runs", run, "jobs"))
     if not (folder / "active.json").exists():
         return []
-    from .train import launch  # imports torch and submitit: only when there is something to check
+    from .jobs import lock
 
     try:
-        launch.refuse_if_running(folder)
-    except launch.JobFailed as error:
+        lock.refuse_if_running(folder)
+    except lock.JobFailed as error:
         raise cfg.ConfigError(f"runs.{run}: {error}") from None
     return []
 

@@ -12,69 +12,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-
 from . import config as cfg
+from .jobs import slurm
+from .jobs.lock import local_job_alive
 from .progress import format_duration
 from .runfolder import (epoch_rows, eta_s, last_step_row, read_json, short_reason, time_to_target,
                         total_steps)
 
 # The workflow this package belongs to (workflow/flashnet/ in it): its schema and presets.
 WORKFLOW_DIR = cfg.WORKFLOW_ROOT
-# One row per run of the job (-D: a requeued job keeps a record per run), no steps (-X), no header.
-SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode")
-SACCT_COMMAND = ("sacct", "-D", "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j")
 SUBMITTED = re.compile(r"^submitted (local|slurm) job (\S+) for run", re.M)
 RESUMED = re.compile(r"^resuming from ", re.M)
-ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
-                       "CONFIGURING", "COMPLETING")
 
 
-@dataclasses.dataclass(frozen=True)
-class Attempt:
-    """One run of a SLURM job, as sacct records it."""
-
-    state: str
-    nodes: str
-    elapsed_s: int
-    exit_code: str
-
-
-def parse_sacct(text: str, job_id: str) -> list[Attempt]:
-    """``sacct --parsable2`` rows of SACCT_FIELDS for ``job_id``, oldest first."""
-    attempts = []
-    for line in text.splitlines():
-        fields = line.split("|")
-        if len(fields) != len(SACCT_FIELDS) or fields[0] != job_id:
-            continue
-        _, state, nodes, elapsed, exit_code = fields
-        attempts.append(Attempt(state.split()[0] if state else "UNKNOWN",  # "CANCELLED by 0" → CANCELLED
-                                "" if nodes in ("", "None assigned") else nodes,
-                                int(elapsed) if elapsed.isdigit() else 0, exit_code))
-    return attempts
-
-
-def query_sacct(job_id: str) -> list[Attempt] | None:
-    """The job's runs from SLURM's accounting; None where there is no sacct or it cannot answer."""
-    if shutil.which("sacct") is None:
-        return None
-    try:
-        proc = subprocess.run([*SACCT_COMMAND, job_id], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_sacct(proc.stdout, job_id) if proc.returncode == 0 else None
-
-
-def local_job_alive(job_id: str) -> bool:
-    """A local submitit job's id is the pid of its controller process (as train/launch.py checks)."""
-    try:
-        return b"submitit.local" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return False
+def query_sacct(job_id: str) -> list[slurm.Attempt] | None:
+    """The job's runs from SLURM's accounting (None without an answer); status does not wait long."""
+    return slurm.attempts(job_id, timeout_s=30)
 
 
 def read_text(path: Path) -> str:
@@ -127,16 +83,16 @@ def job_state(cluster: str, job_id: str, waiting: bool, sacct: Callable, alive: 
             return ("queued" if waiting else ""), "", 0
         last = attempts[-1]
         requeues = len(attempts) - 1
-        if last.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+        if last.state in slurm.QUEUED_STATES:
             return "queued", "", requeues
-        if last.state in ACTIVE_SLURM_STATES:
+        if last.state in slurm.ACTIVE_STATES:
             return "running", last.nodes, requeues
         return last.state, last.nodes, requeues
     return ("running" if alive(job_id) else ""), ("local" if alive(job_id) else ""), 0
 
 
 def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples: int | None,
-               sacct: Callable[[str], list[Attempt] | None] = query_sacct,
+               sacct: Callable[[str], list[slurm.Attempt] | None] = query_sacct,
                alive: Callable[[str], bool] = local_job_alive) -> RunStatus:
     run_dir = results_dir / "runs" / name
     rule_log = results_dir / "logs" / "train" / f"{name}.log"

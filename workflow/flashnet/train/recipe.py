@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -20,24 +19,22 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 import torchvision
-from pytorch_lightning.strategies import DDPStrategy
 
-from ..config import ConfigError, MlperfConfig, RunConfig, device_problem
+from ..config import LauncherConfig, MlperfConfig, RunConfig
 from ..data.epochs import TrainSamples, shard_paths
 from ..data.manifest import verify_manifest
 from ..files import write_json
-from ..machine import cpu_model
 from ..mlperf.log import MLPerfLog, platform_name
 from ..runfolder import SUMMARY_FILE
 from . import checkpoints
 from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
 from .clock import TrainClock
 from .datamodule import ShardData
+from .modelfile import save_model
 from .module import ImageNetClassifier
 from .schedule import schedule_for_run, steps_per_epoch, total_steps
 from .trackers import ForwardRecords, build_loggers
-
-MODEL_FORMAT = "flashnet-model/1"
+from .trainer import allreduce_dtype, build_trainer, device_name, resolve_accelerator
 
 # Lightning cannot see that the train loader resumes by itself (from the restored global step) and
 # that each worker's share of an epoch is exact by construction; its warnings say otherwise.
@@ -56,35 +53,12 @@ class TrainSpec:
     train_manifest: str
     val_manifest: str
     out_dir: str
-    ddp_timeout_s: int = 600
-    cpus_per_task: int = 1
+    launcher: LauncherConfig  # how the job was sized: its CPUs per task and DDP timeout
     mlperf: dict[str, Any] = dataclasses.field(default_factory=dict)  # the config's mlperf section
 
     @property
     def checkpoint(self) -> Path:
         return Path(self.out_dir) / "checkpoints" / "last.ckpt"
-
-
-def resolve_accelerator(run: RunConfig) -> str:
-    """cpu or gpu, checking that this node can do what the run asks of it (``config.device_problem``)."""
-    accelerator = run.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("accelerator: gpu, but this node has no CUDA device")
-    gpu = accelerator == "gpu"
-    problem = device_problem(run.precision, run.decode_device, run.bn_group_size, accelerator,
-                             bf16_native=not gpu or native_bf16(),
-                             gpu_name=torch.cuda.get_device_name() if gpu else "this GPU")
-    if problem:
-        raise ConfigError(problem)
-    return accelerator
-
-
-def native_bf16() -> bool:
-    """bf16 in hardware (Ampere and later). ``is_bf16_supported()`` alone also says yes where bf16
-    is only emulated (a V100), at a fraction of the speed the recipe counts on."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def prepare_for_device(model: torch.nn.Module, accelerator: str, compile_mode: str | None) -> None:
@@ -99,30 +73,12 @@ def prepare_for_device(model: torch.nn.Module, accelerator: str, compile_mode: s
         model.compile(mode=compile_mode)
 
 
-def gradient_compression_hook(run: RunConfig, accelerator: str):
-    """Mixed-precision runs all-reduce their gradients in 16 bits on GPUs, halving the traffic, as
-    the records did; gloo on CPU keeps fp32."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    if accelerator != "gpu":
-        return None
-    return {"bf16-mixed": default_hooks.bf16_compress_hook, "16-mixed": default_hooks.fp16_compress_hook}.get(run.precision)
-
-
-def allreduce_dtype(run: RunConfig, accelerator: str) -> str:
-    if gradient_compression_hook(run, accelerator) is None:
-        return "float32"
-    return "bfloat16" if run.precision == "bf16-mixed" else "float16"
-
-
 def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
           extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any] | None:
     """Train (or resume) ``spec`` in this process; returns the summary on rank 0."""
     run = RunConfig.from_dict(spec.run, spec.name)
     out_dir = Path(spec.out_dir)
     accelerator = resolve_accelerator(run)
-    if accelerator == "cpu":
-        torch.set_num_threads(spec.cpus_per_task)
     pl.seed_everything(run.seed, workers=False, verbose=False)
     # The newest intact resume checkpoint, read (and CRC-checked) once; rank 0 reports what it skipped.
     skipped: list[str] = []
@@ -164,28 +120,15 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     interactive = sys.stderr.isatty()
     if not interactive:
         callbacks.append(PlainProgress(clock, total, spe, run.epochs, run.batch_size, run.log_every_steps))
-    strategy = "auto"
-    if run.world_size > 1:
-        strategy = DDPStrategy(
-            cluster_environment=cluster_environment,
-            process_group_backend="nccl" if accelerator == "gpu" else "gloo",
-            timeout=datetime.timedelta(seconds=spec.ddp_timeout_s),
-            ddp_comm_hook=gradient_compression_hook(run, accelerator),
-        )
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=run.devices_per_node,
-        num_nodes=run.nodes,
-        strategy=strategy,
-        plugins=[cluster_environment] if cluster_environment is not None and run.world_size == 1 else None,
-        precision=run.precision,
+    trainer = build_trainer(
+        accelerator, run.precision, run.nodes, run.devices_per_node, cluster_environment,
+        spec.launcher.ddp_timeout_s, spec.launcher.cpus_per_task, compress_gradients=True,
         max_epochs=math.ceil(run.epochs),
         max_steps=total,
         callbacks=callbacks,
         logger=build_loggers(run, spec.name, out_dir) or False,
         enable_checkpointing=True,
         enable_progress_bar=interactive,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=False,
@@ -212,18 +155,7 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
                   records: RunRecords, clock: TrainClock, train_manifest: dict, accelerator: str,
                   stopped_at_epoch: int | None, mlperf: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(spec.out_dir)
-    model = {
-        "format": MODEL_FORMAT,
-        "name": spec.name,
-        "model": run.model,
-        "num_classes": train_manifest["classes"],
-        "wnids": train_manifest["wnids"],
-        "image_size": run.image_size,
-        "eval_resize": run.eval_resize,
-        "run": run.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in module.model.state_dict().items()},
-    }
-    _atomic_torch_save(model, out_dir / "model.pt")
+    save_model(out_dir / "model.pt", spec.name, run, train_manifest["wnids"], module.model)
     records.write(trainer)
     last = records.epochs[-1]
     seconds, epochs = records.time_to_target()
@@ -266,16 +198,6 @@ def steady_rate(epochs: list[dict[str, Any]], world_size: int) -> float | None:
     """Mean train images/s per device over epochs after the first (start-up and warm-up excluded)."""
     later = [row["images_per_s"] for row in epochs[1:]]
     return round(sum(later) / len(later) / world_size, 2) if later else None
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def device_name(accelerator: str) -> str:
-    return torch.cuda.get_device_name() if accelerator == "gpu" else cpu_model()
 
 
 def software_versions() -> dict[str, str]:

@@ -1,0 +1,140 @@
+"""Waiting on a submitted job from the submitting host, whatever the job does.
+
+A SLURM job is followed by SLURM's own state, through requeues (submitit's, an ``scontrol
+requeue``, a preemption), until it has ended for good. A node failure is the exception: the job is
+cancelled and the waiter fails, and a rerun resumes from the last checkpoint
+(:func:`slurm_job_finished` says why). The waiting process copies the job's rank-0 log into its own
+and, if it is stopped (Ctrl-C, Snakemake's SIGTERM), cancels the job rather than leave it unwatched.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ..watch import ProgressLines, Snapshot
+from . import lock, slurm
+from .lock import JobFailed
+
+RERUN = "rerunning the workflow resumes from the last checkpoint if one was written"
+
+
+class LogFollower:
+    """Copies what the job's rank-0 task appends to its stdout into this process's log."""
+
+    def __init__(self, job):
+        self.job, self.offset = job, 0
+
+    def poll(self) -> str:
+        """Copy what is new; return it (for the progress lines)."""
+        path = self.job.paths.stdout
+        if not path.exists():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        text = data.decode(errors="replace")
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        return text
+
+
+def job_logs(job) -> str:
+    return f"logs: {job.paths.stdout} and {job.paths.stderr}"
+
+
+def is_slurm(job) -> bool:
+    return isinstance(job, submitit.SlurmJob)
+
+
+def slurm_job_finished(job) -> bool:
+    """Whether the SLURM job has ended for good. Raises :class:`JobFailed` after cancelling it if it
+    lost a node.
+
+    Only SLURM's state counts: submitit's result files can be left by an earlier run of a requeued
+    job (a rank that failed as the requeue killed it), so they do not mean the job is over.
+
+    After a node failure SLURM requeues the job (JobRequeue), and a multi-node job then waits until
+    enough nodes are up again, perhaps for ever, with nothing in the workflow waiting for it. The job
+    is cancelled instead and the rule fails; rerunning the workflow (or Snakemake's --retries)
+    submits it afresh, and it resumes from its last checkpoint.
+    """
+    runs = slurm.attempts(job.job_id) or []
+    lost = [run for run in runs if run.state == "NODE_FAIL"]
+    if lost:
+        nodes = lost[-1].nodes
+        state = slurm.cancel(job)
+        cancelled = ("so it was cancelled" if state in (None, "CANCELLED") else
+                     f"and it could not be cancelled (still {state}): scancel {job.job_id} before rerunning")
+        raise JobFailed(
+            f"job {job.job_id} lost a node (NODE_FAIL; its nodes {nodes} are now: {slurm.node_states(nodes)}). "
+            f"SLURM requeues such a job and it would wait until enough nodes are back, {cancelled}.\n"
+            f"{job_logs(job)}; {RERUN}"
+        )
+    return slurm.current_state(job.job_id, runs) in slurm.FINAL_STATES
+
+
+def job_finished(job) -> bool:
+    if is_slurm(job):
+        return slurm_job_finished(job)
+    return job.done(force_check=True)
+
+
+def job_snapshot(job) -> Snapshot:
+    """The scheduler's view of the job, for the progress lines."""
+    if is_slurm(job):
+        runs = slurm.attempts(job.job_id) or []
+        return Snapshot(slurm.current_state(job.job_id, runs), runs[-1].nodes if runs else "", max(len(runs), 1))
+    return Snapshot(job.state, "this machine")
+
+
+def wait(job, poll_s: float, progress: ProgressLines | None = None) -> Any:
+    """Wait for the job, following its log (and saying how it goes, given ``progress``); return the
+    result of its rank 0, or raise :class:`JobFailed` with the reason and log paths."""
+    follower = LogFollower(job)
+    while not job_finished(job):
+        text = follower.poll()
+        if progress:
+            progress.update(job_snapshot(job), text)
+        time.sleep(poll_s)
+    text = follower.poll()
+    if progress:
+        progress.update(job_snapshot(job), text)
+    try:
+        results = job.results()
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+        state = (slurm.job_state(job.job_id) if is_slurm(job) else None) or job.state
+        raise JobFailed(f"job {job.job_id} ({state}) failed:\n{error}\n{job_logs(job)}; {RERUN}") from None
+    return results[0]
+
+
+def cancel(job) -> None:
+    if is_slurm(job):
+        slurm.cancel(job, timeout_s=10.0)
+    else:
+        job.cancel(check=False)
+
+
+def follow(job, folder: Path, cluster: str, poll_s: float, progress: ProgressLines | None = None) -> Any:
+    """:func:`wait` for ``job``, recorded in ``folder`` while it runs; if this process is told to stop
+    (Ctrl-C, a SIGTERM), the job is cancelled rather than left running with nobody waiting for it."""
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    with lock.recorded(folder, cluster, job.job_id):
+        previous = signal.signal(signal.SIGTERM, interrupted)
+        try:
+            return wait(job, poll_s, progress)
+        except KeyboardInterrupt as why:
+            cancel(job)
+            raise JobFailed(f"interrupted ({why or 'SIGINT'}): cancelled job {job.job_id}; {RERUN}") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
