@@ -166,3 +166,13 @@ def test_summary_csv_round_trip(make_run, settings, tmp_path):
     assert row["run"] == "lars-b64" and row["final_top1"] == "0.7312" and row["global_batch"] == "64"
     assert float(row["time_to_target_s"]) == TIME_TO_TARGET_S and row["precision"] == "32-true"
     assert float(row["step_seconds"]) == 360.0 and row["checkpoints"] == "16"
+
+
+def test_a_reference_file_with_an_unknown_key_names_the_file(tmp_path):
+    from flashnet.report.references import load_references
+
+    path = tmp_path / "references.yaml"
+    path.write_text("- {name: X, authors: Y, devices: 1, device_name: Z, batch_size: null, time_s: 1.0, top1: 0.5,\n"
+                    "   top1_is_target: false, citation: C, url: U, speedup: 2}\n")
+    with pytest.raises(ValueError, match=r"references\.yaml: .*speedup"):
+        load_references(path)

@@ -47,27 +47,21 @@ def hyperparameters(run, steps_per_epoch: int) -> list[tuple[str, Any]]:
         ("gradient_accumulation_steps", 1),
         ("opt_name", run.optimizer),
     ]
+    # MLCommons names the same hyperparameters lars_opt_* or sgd_opt_*; LARS adds its epsilon, and
+    # the warmup key of SGD carries no optimizer prefix.
+    prefix = f"{run.optimizer}_opt_"
+    events += [
+        (f"{prefix}base_learning_rate", run.lr),
+        (f"{prefix}end_learning_rate", run.end_lr),
+        (f"{prefix}learning_rate_decay_poly_power", run.lr_decay_power),
+        (f"{prefix}learning_rate_decay_steps", schedule.decay_steps),
+        (f"{prefix}momentum", run.momentum),
+        (f"{prefix}weight_decay", run.weight_decay),
+    ]
     if run.optimizer == "lars":
-        events += [
-            ("lars_opt_base_learning_rate", run.lr),
-            ("lars_opt_end_learning_rate", run.end_lr),
-            ("lars_opt_learning_rate_decay_poly_power", run.lr_decay_power),
-            ("lars_opt_learning_rate_decay_steps", schedule.decay_steps),
-            ("lars_epsilon", run.lars_epsilon),
-            ("lars_opt_learning_rate_warmup_epochs", run.warmup_epochs),
-            ("lars_opt_momentum", run.momentum),
-            ("lars_opt_weight_decay", run.weight_decay),
-        ]
+        events += [("lars_epsilon", run.lars_epsilon), ("lars_opt_learning_rate_warmup_epochs", run.warmup_epochs)]
     else:
-        events += [
-            ("sgd_opt_base_learning_rate", run.lr),
-            ("sgd_opt_end_learning_rate", run.end_lr),
-            ("sgd_opt_learning_rate_decay_poly_power", run.lr_decay_power),
-            ("sgd_opt_learning_rate_decay_steps", schedule.decay_steps),
-            ("sgd_opt_weight_decay", run.weight_decay),
-            ("sgd_opt_momentum", run.momentum),
-            ("opt_learning_rate_warmup_epochs", run.warmup_epochs),
-        ]
+        events.append(("opt_learning_rate_warmup_epochs", run.warmup_epochs))
     events.append(("model_bn_span", run.bn_span if run.bn_span is not None else run.per_device_batch))
     return [(key, _plain(value)) for key, value in events]
 

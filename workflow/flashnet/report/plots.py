@@ -152,6 +152,15 @@ def highest_accuracy(runs: list[RunResults]) -> float:
     return max(values)
 
 
+def finish_accuracy_figure(figure, axes, runs: list[RunResults], path: Path) -> Path:
+    """The target line(s), a percent axis from 0 to just above the best accuracy, the legend; saved."""
+    draw_targets(axes, runs)
+    percent_axis(axes, highest_accuracy(runs))
+    start_at_zero(axes)
+    place_legend(figure, axes)
+    return save(figure, path)
+
+
 def plot_accuracy_vs_epoch(runs: list[RunResults], path: Path) -> Path:
     """Per-epoch validation top-1 (metrics.csv) against completed epochs, with the target line(s)."""
     colours = run_colours(runs)
@@ -161,11 +170,7 @@ def plot_accuracy_vs_epoch(runs: list[RunResults], path: Path) -> Path:
             m = run.metrics
             axes.plot(m["epoch"], 100 * m["val_top1"], marker="o", markersize=3.5, linewidth=2,
                       color=colours[run.name], label=run_label(run))
-        draw_targets(axes, runs)
-        percent_axis(axes, highest_accuracy(runs))
-        start_at_zero(axes)
-        place_legend(figure, axes)
-        return save(figure, path)
+        return finish_accuracy_figure(figure, axes, runs, path)
 
 
 def plot_accuracy_vs_time(runs: list[RunResults], path: Path) -> Path:
@@ -184,11 +189,7 @@ def plot_accuracy_vs_time(runs: list[RunResults], path: Path) -> Path:
                 axes.plot([reached / divisor], [100 * run.summary["target_top1"]], marker="*", markersize=15,
                           color=colour, markeredgecolor="black", markeredgewidth=0.6, linestyle="none",
                           label=f"{run.name} reached target")
-        draw_targets(axes, runs)
-        percent_axis(axes, highest_accuracy(runs))
-        start_at_zero(axes)
-        place_legend(figure, axes)
-        return save(figure, path)
+        return finish_accuracy_figure(figure, axes, runs, path)
 
 
 def plot_accuracy_vs_batch(runs: list[RunResults], path: Path) -> Path:

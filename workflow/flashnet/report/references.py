@@ -1,13 +1,17 @@
 """Published large-batch ImageNet/ResNet-50 records, shown beside our runs: published, not measured here.
 
-Each entry carries its citation. The figures are the ones the papers (or the MLPerf results) state;
-where a source gives no number (Sony's batch size changes during training; MLPerf's results table
-gives no batch size) the field is None and the report leaves the cell empty rather than guess.
+The records are data (``references.yaml`` beside this file), each with its citation. The figures are
+the ones the papers (or the MLPerf results) state; where a source gives no number (Sony's batch size
+changes during training; MLPerf's results table gives no batch size) the field is None and the
+report leaves the cell empty rather than guess.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+
+import yaml
 
 PUBLISHED_LABEL = "published, not measured here"
 
@@ -32,58 +36,16 @@ class Reference:
         return "quality target" if self.top1_is_target else "reached"
 
 
-REFERENCES: tuple[Reference, ...] = (
-    Reference(
-        name="Goyal et al. 2017",
-        authors="Goyal, Dollár, Girshick, Noordhuis, Wesolowski, Kyrola, Tulloch, Jia, He (Facebook)",
-        devices=256,
-        device_name="P100",
-        batch_size=8_192,
-        time_s=3600.0,
-        top1=0.763,
-        top1_is_target=False,
-        citation="Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour. arXiv:1706.02677 (2017)",
-        url="https://arxiv.org/abs/1706.02677",
-    ),
-    Reference(
-        name="Sony 2018",
-        authors="Mikami, Suganuma, U-chupala, Tanaka, Kageyama (Sony)",
-        devices=2_176,
-        device_name="V100",
-        batch_size=None,  # batch-size control: the batch grows during training
-        time_s=224.0,
-        top1=0.7503,
-        top1_is_target=False,
-        citation="ImageNet/ResNet-50 Training in 224 Seconds (v2: Massively Distributed SGD: "
-                 "ImageNet/ResNet-50 Training in a Flash). arXiv:1811.05233 (2018)",
-        url="https://arxiv.org/abs/1811.05233",
-    ),
-    Reference(
-        name="Fujitsu 2019",
-        authors="Yamazaki, Kasagi, Tabuchi, Honda, Miwa, Fukumoto, Tabaru, Ike, Nakashima (Fujitsu)",
-        devices=2_048,
-        device_name="V100",
-        batch_size=81_920,
-        time_s=74.7,
-        top1=0.7508,
-        top1_is_target=False,
-        citation="Yet Another Accelerated SGD: ResNet-50 Training on ImageNet in 74.7 seconds. "
-                 "arXiv:1903.12650 (2019)",
-        url="https://arxiv.org/abs/1903.12650",
-    ),
-    Reference(
-        name="MLPerf Training v3.0",
-        authors="NVIDIA (MLCommons submission)",
-        devices=3_584,
-        device_name="H100",
-        batch_size=None,  # not in the results table
-        time_s=10.96,
-        top1=0.759,
-        top1_is_target=True,
-        citation="MLCommons, MLPerf Training v3.0 results, ResNet-50 closed division (June 2023)",
-        url="https://mlcommons.org/benchmarks/training/",
-    ),
-)
+def load_references(path: Path = Path(__file__).with_name("references.yaml")) -> tuple[Reference, ...]:
+    """The published records, as data: one entry a record, its fields those of :class:`Reference`."""
+    entries = yaml.safe_load(path.read_text())
+    try:
+        return tuple(Reference(**entry) for entry in entries)
+    except TypeError as error:  # a key Reference lacks, or one missing
+        raise ValueError(f"{path}: {error}") from None
+
+
+REFERENCES = load_references()
 
 
 def reference(name: str) -> Reference:

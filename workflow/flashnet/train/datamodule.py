@@ -32,37 +32,29 @@ class ShardData(pl.LightningDataModule):
     def _pin_memory(self) -> bool:
         return self.trainer.strategy.root_device.type == "cuda"
 
+    def _placement(self) -> dict:
+        """What the train and val loaders of this process share: its rank in the world, the image
+        size, and where JPEGs are decoded."""
+        return dict(rank=self.trainer.global_rank, world_size=self.trainer.world_size, image_size=self.run.image_size,
+                    decode_on_device=self.run.decode_device == "cuda")
+
     def train_dataloader(self):
-        trainer = self.trainer
+        trainer, run = self.trainer, self.run
         steps, done = epoch_position(trainer.global_step, trainer.current_epoch, self.steps_per_epoch, self.total_steps)
-        run = self.run
         spec = TrainStreamSpec(
             samples=self.train_samples,
             seed=run.seed,
             epoch=trainer.current_epoch,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
             steps=steps,
             batch_size=run.per_device_batch,
-            image_size=run.image_size,
             augmentation=Augmentation.from_run(run),
             center_crop_resize=None if run.augments(trainer.current_epoch) else run.eval_resize,
             start_batch=done,
-            decode_on_device=run.decode_device == "cuda",
+            **self._placement(),
         )
         return train_loader(spec, run.loader_workers, pin_memory=self._pin_memory)
 
     def val_dataloader(self):
-        trainer = self.trainer
-        spec = ValSpec(
-            shards=self.val_shards,
-            shard_samples=self.val_shard_samples,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            batch_size=self.val_batch_size,
-            image_size=self.run.image_size,
-            resize=self.run.eval_resize,
-            workers=self.run.loader_workers,
-            decode_on_device=self.run.decode_device == "cuda",
-        )
+        spec = ValSpec(shards=self.val_shards, shard_samples=self.val_shard_samples, batch_size=self.val_batch_size,
+                       resize=self.run.eval_resize, workers=self.run.loader_workers, **self._placement())
         return val_loader(spec, pin_memory=self._pin_memory)
