@@ -21,7 +21,8 @@ from ..watch import ProgressLines, Snapshot
 from . import lock, slurm
 from .lock import JobFailed
 
-RERUN = "rerunning the workflow resumes from the last checkpoint if one was written"
+# Said by every failure; an evaluation has no checkpoint: it simply runs again.
+RERUN = "rerunning the workflow submits the job again (training resumes from its last checkpoint if one was written)"
 
 
 class LogFollower:
