@@ -253,6 +253,10 @@ def test_status_and_terminal_lines_follow_a_queued_running_and_requeued_job(slur
         queued = wait_for(lambda: status_row(workflow, slurm_cluster, "queued"), 120,
                           lambda: f"status: queued; it printed: {LAST_STATUS[0]}")
         assert f"{job_id} (slurm)" in queued and "requeued" not in queued, queued
+        # The waiting rule's own poll sees the queue too before the nodes are freed (status can say
+        # "queued" as soon as the rule records its job, a poll before the rule first asks SLURM).
+        wait_for(lambda: f"[train {RUN}] queued, waiting for its nodes" in log.read_text(errors="replace"), 120,
+                 lambda: f"the queued line on the terminal; it shows: {log.read_text(errors='replace')[-2000:]}")
         slurm_cluster.run(["scancel", blocker])
         # Past the first periodic checkpoint (SIGTERM from `scontrol requeue` checkpoints nothing), so the
         # requeued job resumes from it.
