@@ -242,8 +242,10 @@ def test_status_and_terminal_lines_follow_a_queued_running_and_requeued_job(slur
     requeue`, what preemption does) and runs again to the end."""
     workflow = reuse_shards(slurm_run, slurm_env, tmp_path / "wf")
     assert status_row(workflow, slurm_cluster, "not started")
-    blocker = slurm_cluster.sbatch("--nodes=2", "--job-name=blocker", f"--output={tmp_path}/blocker-%j.out",
-                                   "--wrap", "sleep 600")
+    # --exclusive: without it the blocker takes one CPU of each node's two, and the training job (one
+    # task of one CPU per node) fits beside it and never waits.
+    blocker = slurm_cluster.sbatch("--nodes=2", "--exclusive", "--job-name=blocker",
+                                   f"--output={tmp_path}/blocker-%j.out", "--wrap", "sleep 600")
     # The blocker holds both nodes before the training job is queued, or the training job may start first.
     wait_for(lambda: slurm_cluster.job_state(blocker) == "RUNNING", 60, "the blocker job to hold the nodes")
     proc = workflow.start(*PROFILE, *FAST, TRAINED)
