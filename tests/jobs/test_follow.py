@@ -65,7 +65,7 @@ def test_a_job_that_lost_a_node_is_cancelled_and_its_nodes_named(tmp_path, monke
     monkeypatch.setattr(slurm, "job_state", lambda job_id: "CANCELLED" if job.cancelled else "PENDING")
     monkeypatch.setattr(slurm, "node_states", lambda nodes: "flashnet-n1 idle, flashnet-n2 down*")
     with pytest.raises(lock.JobFailed) as error:
-        follow.slurm_job_finished(job)
+        follow.slurm_poll(job)
     assert job.cancelled
     assert str(error.value).startswith(
         "job 42 lost a node (NODE_FAIL; its nodes flashnet-n[1-2] are now: flashnet-n1 idle, flashnet-n2 down*). "
@@ -77,7 +77,7 @@ def test_a_requeued_job_is_not_over_until_slurm_says_so(tmp_path, monkeypatch):
     runs = [slurm.Attempt("REQUEUED", "flashnet-n1", 95, "0:0")]
     monkeypatch.setattr(slurm, "attempts", lambda job_id, timeout_s=60.0: runs)
     monkeypatch.setattr(slurm, "job_state", lambda job_id: "PENDING")
-    assert not follow.slurm_job_finished(NodeFailedJob(tmp_path))
+    assert not follow.slurm_poll(NodeFailedJob(tmp_path))[1]
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)  # forgotten: accounting has the last word
     runs.append(slurm.Attempt("COMPLETED", "flashnet-n2", 50, "0:0"))
-    assert follow.slurm_job_finished(NodeFailedJob(tmp_path))
+    assert follow.slurm_poll(NodeFailedJob(tmp_path))[1]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from .jobs import slurm
 from .progress import format_duration
 from .runfolder import epoch_rows, eta_s, total_steps
 
@@ -27,8 +28,6 @@ from .runfolder import epoch_rows, eta_s, total_steps
 STEP_LINE = re.compile(r"^epoch \d+/\d+ step \d+/\d+ .*$", re.M)
 RESUMED = re.compile(r"^resuming from (\S+)", re.M)
 REQUEUEING = re.compile(r"^(stopped at .*); requeueing$", re.M)
-# SLURM states of a job waiting in the queue (a requeued one passes through the REQUEUE* ones).
-QUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 
 
 def open_progress_fd(fd: int | None) -> TextIO | None:
@@ -94,7 +93,7 @@ class ProgressLines:
 
     def _scheduler(self, snapshot: Snapshot) -> None:
         state = snapshot.state.split()[0] if snapshot.state else "UNKNOWN"
-        state = "PENDING" if state in QUEUED_STATES else state
+        state = "PENDING" if state in slurm.QUEUED_STATES else state  # REQUEUE* too
         # A requeue shows as a new record in sacct, or (sooner) as a running job pending again.
         if snapshot.attempts > self._attempts or (state == "PENDING" and self._state == "RUNNING"):
             self._attempts = max(snapshot.attempts, self._attempts + 1)

@@ -3,7 +3,7 @@
 A SLURM job is followed by SLURM's own state, through requeues (submitit's, an ``scontrol
 requeue``, a preemption), until it has ended for good. A node failure is the exception: the job is
 cancelled and the waiter fails, and a rerun resumes from the last checkpoint
-(:func:`slurm_job_finished` says why). The waiting process copies the job's rank-0 log into its own
+(:func:`slurm_poll` says why). The waiting process copies the job's rank-0 log into its own
 and, if it is stopped (Ctrl-C, Snakemake's SIGTERM), cancels the job rather than leave it unwatched.
 """
 
@@ -55,9 +55,10 @@ def is_slurm(job) -> bool:
     return isinstance(job, submitit.SlurmJob)
 
 
-def slurm_job_finished(job) -> bool:
-    """Whether the SLURM job has ended for good. Raises :class:`JobFailed` after cancelling it if it
-    lost a node.
+def slurm_poll(job) -> tuple[Snapshot, bool]:
+    """One look at the SLURM job (one sacct, one scontrol): the scheduler's view for the progress
+    lines, and whether the job has ended for good. Raises :class:`JobFailed` after cancelling it if
+    it lost a node.
 
     Only SLURM's state counts: submitit's result files can be left by an earlier run of a requeued
     job (a rank that failed as the requeue killed it), so they do not mean the job is over.
@@ -79,40 +80,35 @@ def slurm_job_finished(job) -> bool:
             f"SLURM requeues such a job and it would wait until enough nodes are back, {cancelled}.\n"
             f"{job_logs(job)}; {RERUN}"
         )
-    return slurm.current_state(job.job_id, runs) in slurm.FINAL_STATES
+    state = slurm.current_state(job.job_id, runs)
+    snapshot = Snapshot(state, runs[-1].nodes if runs else "", max(len(runs), 1))
+    return snapshot, state in slurm.FINAL_STATES
 
 
-def job_finished(job) -> bool:
+def poll(job) -> tuple[Snapshot, bool]:
+    """The scheduler's view of the job and whether it has ended, from one round of queries."""
     if is_slurm(job):
-        return slurm_job_finished(job)
-    return job.done(force_check=True)
-
-
-def job_snapshot(job) -> Snapshot:
-    """The scheduler's view of the job, for the progress lines."""
-    if is_slurm(job):
-        runs = slurm.attempts(job.job_id) or []
-        return Snapshot(slurm.current_state(job.job_id, runs), runs[-1].nodes if runs else "", max(len(runs), 1))
-    return Snapshot(job.state, "this machine")
+        return slurm_poll(job)
+    finished = job.done(force_check=True)
+    return Snapshot(job.state, "this machine"), finished
 
 
 def wait(job, poll_s: float, progress: ProgressLines | None = None) -> Any:
     """Wait for the job, following its log (and saying how it goes, given ``progress``); return the
     result of its rank 0, or raise :class:`JobFailed` with the reason and log paths."""
     follower = LogFollower(job)
-    while not job_finished(job):
-        text = follower.poll()
+    while True:
+        snapshot, finished = poll(job)
+        text = follower.poll()  # after the poll: once the job has ended, this reads its last lines
         if progress:
-            progress.update(job_snapshot(job), text)
+            progress.update(snapshot, text)
+        if finished:
+            break
         time.sleep(poll_s)
-    text = follower.poll()
-    if progress:
-        progress.update(job_snapshot(job), text)
     try:
         results = job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
-        state = (slurm.job_state(job.job_id) if is_slurm(job) else None) or job.state
-        raise JobFailed(f"job {job.job_id} ({state}) failed:\n{error}\n{job_logs(job)}; {RERUN}") from None
+        raise JobFailed(f"job {job.job_id} ({snapshot.state}) failed:\n{error}\n{job_logs(job)}; {RERUN}") from None
     return results[0]
 
 
