@@ -3,10 +3,10 @@ accuracy metrics for the classifier and the evaluator, fed the loaders' Batch.""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import socket
-
-import dataclasses
 
 import pytest
 import torch
@@ -100,7 +100,7 @@ def test_classifier_and_evaluator_count_the_same_accuracy_without_padding(classi
     batch = padded_batch([predicted[0], wrong[1], wrong[2], predicted[3], predicted[4]])
     with torch.no_grad():
         classifier.validation_step(batch, 0)
-        evaluator = Evaluator(RunConfig.from_dict(classifier.hparams.run), CLASSES, classifier.model.state_dict())
+        evaluator = Evaluator(RunConfig.from_dict(classifier.hparams.run), copy.deepcopy(classifier.model), CLASSES)
         evaluator.eval().validation_step(batch, 0)
     evaluator.on_validation_epoch_end()
     assert classifier.val_top1.compute().item() == evaluator.results["top1"] == pytest.approx(1 / 3)

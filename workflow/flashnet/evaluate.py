@@ -44,7 +44,7 @@ def evaluate(spec: EvalSpec, cluster_environment) -> dict[str, Any] | None:
     run = model_file.run
     accelerator = resolve_accelerator(dataclasses.replace(run, decode_device="cpu"))
     manifest = verify_manifest(spec.val_manifest)
-    module = Evaluator(run, model_file.num_classes, model_file.network.state_dict())
+    module = Evaluator(run, model_file.network, model_file.num_classes)
     if accelerator == "gpu":
         module.model.to(memory_format=torch.channels_last)
     trainer = build_trainer(accelerator, run.precision, 1, spec.devices, cluster_environment,

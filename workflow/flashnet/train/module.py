@@ -143,11 +143,10 @@ class Evaluator(pl.LightningModule):
     """A trained model's top-1, top-5, per-class top-1 and sample count over the val batches, in
     :attr:`results` on every rank after ``Trainer.validate``."""
 
-    def __init__(self, run: RunConfig, num_classes: int, state_dict: dict[str, torch.Tensor]):
+    def __init__(self, run: RunConfig, network: nn.Module, num_classes: int):
         super().__init__()
         self.run_config = run
-        self.model = build_model(run, num_classes)
-        self.model.load_state_dict(state_dict)
+        self.model = network  # as model.pt's reader built it: the weights are not copied again
         self.top1, self.top5 = accuracy_metrics(num_classes)
         self.per_class = MulticlassAccuracy(num_classes, top_k=1, average=None, ignore_index=IGNORED)
         self.samples = SumMetric()
