@@ -19,7 +19,7 @@ from . import config as cfg
 from .data.sources import IMAGENET_COUNTS
 from .mlperf import mllog
 from .mlperf.rules import closed_division_breaks
-from .train.schedule import WarmupPolySchedule, schedule_for_run, steps_per_epoch, total_steps
+from .train.schedule import WarmupPolySchedule, run_steps_per_epoch, schedule_for_run, total_steps
 
 WORKFLOW_ROOT = cfg.WORKFLOW_ROOT
 IMAGENET_TRAIN_IMAGES = IMAGENET_COUNTS["train"]  # 1,281,167
@@ -70,7 +70,7 @@ class Resolved:
 
     @classmethod
     def of(cls, run: cfg.RunConfig, train_samples: int) -> "Resolved":
-        spe = steps_per_epoch(train_samples, run.batch_size)
+        spe = run_steps_per_epoch(run, train_samples)
         return cls(run, train_samples, spe, total_steps(run.epochs, spe), schedule_for_run(run, spe))
 
     @property
@@ -114,8 +114,7 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
         ("global batch", f"{run.batch_size:,} = {run.nodes} node(s) × {run.devices_per_node} device(s) × "
                          f"{run.per_device_batch} per device"),
         ("BatchNorm span", bn),
-        ("steps per epoch", f"{spe:,} = floor({resolved.train_samples:,} / {run.batch_size:,}); "
-                            f"{resolved.train_samples - spe * run.batch_size:,} images an epoch left out"),
+        ("steps per epoch", epoch_text(resolved)),
         ("warmup", f"{_epochs(run.warmup_epochs)} = {s.warmup_steps:,} steps, linear to lr {run.lr:g}"),
         ("decay", f"{s.decay_steps:,} steps, power {run.lr_decay_power:g}; {horizon}"),
         ("length", f"at most {_epochs(run.epochs)} = {resolved.total_steps:,} steps; {stop}"),
@@ -131,6 +130,17 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
     lines += [f"  {label:<{width}}  {text}" for label, text in rows]
     lines += [f"  {'':<{width}}    - {why}" for why in breaks]
     return "\n".join(lines)
+
+
+def epoch_text(resolved: Resolved) -> str:
+    """How an epoch is counted, and how much of a pass over the data it is."""
+    run, n, spe = resolved.run, resolved.train_samples, resolved.steps_per_epoch
+    if run.epoch_steps == "floor":
+        how = f"floor({n:,} / {run.batch_size:,})"
+    else:
+        how = f"ceil(floor({n:,} / {run.world_size:,} ranks) / {run.per_device_batch:,}) (ceil_per_rank)"
+    return (f"{spe:,} = {how}: {spe * run.batch_size:,} samples, {spe * run.batch_size / n:.4f} of a pass "
+            f"over the {n:,} (the samples are one stream of passes)")
 
 
 def _epochs(count: float) -> str:

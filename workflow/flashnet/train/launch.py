@@ -28,7 +28,7 @@ from ..watch import ProgressLines, open_progress_fd
 from . import checkpoints
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, train
-from .schedule import steps_per_epoch
+from .schedule import run_steps_per_epoch
 from .trackers import TRACKER_KEYS, require_packages
 from .trainer import resolve_accelerator
 
@@ -73,7 +73,7 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
     train_m, val_m = verify_manifest(train_manifest, full=True), verify_manifest(val_manifest, full=True)
     if train_m["wnids"] != val_m["wnids"]:
         raise ConfigError(f"{train_manifest} and {val_manifest} list different classes")
-    steps_per_epoch(train_m["samples"], run.batch_size)
+    run_steps_per_epoch(run, train_m["samples"])
 
 
 def set_aside_stale_checkpoint(spec: TrainSpec, fresh: bool = False) -> None:
