@@ -77,6 +77,11 @@ class Resolved:
     def eval_epochs(self) -> list[int]:
         return [e for e in range(1, math.ceil(self.run.epochs) + 1) if self.run.is_eval_epoch(e)]
 
+    @property
+    def eval_steps(self) -> list[int]:
+        """Optimizer steps after which validation runs (the last step of each validated epoch)."""
+        return [min(e * self.steps_per_epoch, self.total_steps) for e in self.eval_epochs]
+
     def lr_points(self) -> list[tuple[int, float]]:
         """(step, lr) at the run's landmarks: first step, warmup's end, a quarter, half and three
         quarters of the decay, its end (if the run gets there) and the last step."""
@@ -98,9 +103,7 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
                f"outlasts the run's {resolved.total_steps:,}")
     stop = (f"stops at the first validation ≥ {run.target_top1:.1%} top-1" if run.stop_at_target
             else f"time to target {run.target_top1:.1%} read off; trains every epoch")
-    evals = resolved.eval_epochs
-    evals_text = ", ".join(map(str, evals)) if len(evals) <= 12 else \
-        f"{', '.join(map(str, evals[:6]))}, …, {', '.join(map(str, evals[-3:]))}"
+    evals_text = _shortened(resolved.eval_epochs)
     optimizer = (f"LARS  momentum {run.momentum:g}  weight decay {run.weight_decay:g}  η {run.lars_eta:g}  "
                  f"ε {run.lars_epsilon:g}" if run.optimizer == "lars" else
                  f"SGD  momentum {run.momentum:g}  weight decay {run.weight_decay:g}")
@@ -118,7 +121,8 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
         ("warmup", f"{_epochs(run.warmup_epochs)} = {s.warmup_steps:,} steps, linear to lr {run.lr:g}"),
         ("decay", f"{s.decay_steps:,} steps, power {run.lr_decay_power:g}; {horizon}"),
         ("length", f"at most {_epochs(run.epochs)} = {resolved.total_steps:,} steps; {stop}"),
-        ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset})"),
+        ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset}); "
+                       f"after steps {_shortened(resolved.eval_steps)}"),
         ("LR at step", "  ".join(f"{step:,}: {lr:.4g}" for step, lr in resolved.lr_points())),
         ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"),
         ("crop", crop),
@@ -141,6 +145,11 @@ def epoch_text(resolved: Resolved) -> str:
         how = f"ceil(floor({n:,} / {run.world_size:,} ranks) / {run.per_device_batch:,}) (ceil_per_rank)"
     return (f"{spe:,} = {how}: {spe * run.batch_size:,} samples, {spe * run.batch_size / n:.4f} of a pass "
             f"over the {n:,} (the samples are one stream of passes)")
+
+
+def _shortened(numbers: list[int]) -> str:
+    text = [f"{n:,}" for n in numbers]
+    return ", ".join(text) if len(text) <= 12 else f"{', '.join(text[:6])}, …, {', '.join(text[-3:])}"
 
 
 def _epochs(count: float) -> str:
