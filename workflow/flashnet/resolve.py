@@ -17,7 +17,6 @@ from pathlib import Path
 
 from . import config as cfg
 from .data.sources import IMAGENET_COUNTS
-from .mlperf import mllog
 from .mlperf.rules import closed_division_breaks
 from .train.schedule import WarmupPolySchedule, run_steps_per_epoch, schedule_for_run, total_steps
 
@@ -157,6 +156,8 @@ def _epochs(count: float) -> str:
 
 
 def mllog_lines(resolved: Resolved) -> list[str]:
+    from .mlperf import mllog  # mlperf-logging: the train extra's
+
     return [mllog.line(key, value, caller_depth=2) for key, value in
             mllog.hyperparameters(resolved.run, resolved.steps_per_epoch)]
 
