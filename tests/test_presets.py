@@ -264,3 +264,22 @@ def test_goyal_preset_equals_the_paper():
     assert run.lr == pytest.approx(0.1 * 8192 / 256)
     assert (run.warmup_epochs, run.epochs, run.momentum, run.weight_decay) == (5, 90, 0.9, 1e-4)
     assert run.zero_init_residual and run.label_smoothing == 0.0
+
+
+def test_optimizers_of_nvidia_and_fujitsu_presets_are_theirs():
+    """NVIDIA's presets decay the fc bias without LARS (fit.py set_wd_mult); Fujitsu's trust ratio
+    divides by its unscheduled 6.5e-4 (fit.py 'wd': args.wd * args.lr; mxnet_op.h)."""
+    import torchvision
+
+    from flashnet.train.module import build_optimizer
+
+    model = torchvision.models.resnet18()
+    nvidia = build_optimizer(preset("mlperf-lars-b3264").run, model)
+    decayed_bias = [g for g in nvidia.param_groups if not g["lars"] and g["weight_decay"] > 0]
+    assert len(decayed_bias) == 1 and decayed_bias[0]["params"] == [model.fc.bias]
+    assert all(g["trust_weight_decay"] is None for g in nvidia.param_groups)
+    google = build_optimizer(preset("mlperf-lars-b32768").run, model)
+    assert all(g["weight_decay"] == 0 for g in google.param_groups if not g["lars"])
+    fujitsu = build_optimizer(preset("fujitsu-mlperf-v0.6").run, model)
+    assert {g["trust_weight_decay"] for g in fujitsu.param_groups} == {0.00065}
+    assert 0.0025 / 0.00065 == pytest.approx(3.85, abs=0.005)

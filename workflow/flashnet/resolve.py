@@ -104,7 +104,9 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
             else f"time to target {run.target_top1:.1%} read off; trains every epoch")
     evals_text = _shortened(resolved.eval_epochs)
     optimizer = (f"LARS  momentum {run.momentum:g}  weight decay {run.weight_decay:g}  η {run.lars_eta:g}  "
-                 f"ε {run.lars_epsilon:g}" if run.optimizer == "lars" else
+                 f"ε {run.lars_epsilon:g}"
+                 + ("" if run.lars_trust_weight_decay is None else f"  trust-ratio λ {run.lars_trust_weight_decay:g}")
+                 if run.optimizer == "lars" else
                  f"SGD  momentum {run.momentum:g}  weight decay {run.weight_decay:g}")
     breaks = closed_division_breaks(run)
     crop = (f"scale {list(run.crop_scale)}  ratio [{run.crop_ratio[0]:.4g}, {run.crop_ratio[1]:.4g}]"
@@ -123,7 +125,8 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
         ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset}); "
                        f"after steps {_shortened(resolved.eval_steps)}"),
         ("LR at step", "  ".join(f"{step:,}: {lr:.4g}" for step, lr in resolved.lr_points())),
-        ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"),
+        ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"
+                      + ("  fc bias decayed" if run.fc_bias_weight_decay else "")),
         ("crop", crop),
         ("MLPerf division", "closed (meets the closed ResNet-50 rules of training 4.0.0)" if not breaks else
                             "open; the closed rules it breaks:"),

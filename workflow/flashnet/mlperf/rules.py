@@ -79,6 +79,8 @@ def closed_division_breaks(run) -> list[str]:
              f"momentum: {run.momentum} (closed: 0.9 below batch 32,768)")
         rule(math.isclose(run.lars_eta, 0.001), f"lars_eta: {run.lars_eta} (closed: the reference's 0.001)")
         rule(not run.lars_trust_clip, "lars_trust_clip: true (closed: the reference's unclipped trust ratio)")
+        rule(run.lars_trust_weight_decay is None,
+             f"lars_trust_weight_decay: {run.lars_trust_weight_decay} (closed: the reference's weight_decay)")
         rule(run.lars_exclude_bn_bias, "lars_exclude_bn_bias: false (closed: the reference keeps BN and biases "
                                        "out of LARS and weight decay)")
     else:
