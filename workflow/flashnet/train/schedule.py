@@ -5,7 +5,11 @@ epoch, total steps, and the warmup and polynomial decay stepped every iteration 
 Weight decay needs no schedule of its own: LARS and SGD here apply lr(step)·λ·w, so the decay term
 warms up and decays with the learning rate. That is what Fujitsu's MLPerf v0.6 run had to schedule
 by hand (``wd_warmup``, ``wd_decay_mode power``), because MXNet's LARS kernel there does not
-multiply weight decay by the scheduled learning rate.
+multiply weight decay by the scheduled learning rate. Its trust ratio, though, divides by the
+unscheduled wd = 5e-5 × 13 = 6.5e-4 (``fit.py``: ``'wd': args.wd * args.lr``; ``mxnet_op.h``), so
+τ ≤ η / wd = 3.85: its preset sets ``lars_trust_weight_decay`` to that (train/lars.py). Its counts,
+as its ``fit.py`` makes them and this module reproduces them (``epoch_steps: ceil_per_rank``): 15
+steps an epoch, warmup 540 steps, the 0.0325 floor at step 1,320, 90 epochs = 1,350 steps.
 """
 
 from __future__ import annotations
