@@ -193,7 +193,7 @@ def test_recipe_mllog_of_b32768_says_what_the_rcp_row_says():
         "lars_opt_base_learning_rate": 21.2, "lars_opt_end_learning_rate": 0.0001,
         "lars_opt_learning_rate_decay_poly_power": 2, "lars_opt_learning_rate_decay_steps": 2267,
         "lars_epsilon": 0.0, "lars_opt_learning_rate_warmup_epochs": 16, "lars_opt_momentum": 0.94,
-        "lars_opt_weight_decay": 2.5e-5, "model_bn_span": 128,
+        "lars_opt_weight_decay": 2.5e-5, "model_bn_span": 128, "train_samples": 1_281_167,
     }
 
 

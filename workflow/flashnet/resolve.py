@@ -161,8 +161,9 @@ def _epochs(count: float) -> str:
 def mllog_lines(resolved: Resolved) -> list[str]:
     from .mlperf import mllog  # mlperf-logging: the train extra's
 
-    return [mllog.line(key, value, caller_depth=2) for key, value in
-            mllog.hyperparameters(resolved.run, resolved.steps_per_epoch)]
+    # train_samples is N, the data set's size, as NVIDIA's dali.py logs num_examples (not steps × B)
+    events = [*mllog.hyperparameters(resolved.run, resolved.steps_per_epoch), ("train_samples", resolved.train_samples)]
+    return [mllog.line(key, value, caller_depth=2) for key, value in events]
 
 
 def recipe_from_cli(args) -> None:
