@@ -231,6 +231,17 @@ def test_batches_are_a_function_of_seed_epoch_and_rank(data):
         assert differing == 4, f"{change}: only {differing} of 4 batches differ"
 
 
+def test_a_samples_crop_depends_on_its_pass_not_on_the_epoch_it_falls_in(data):
+    """Global steps 8-11 (stream positions 24-35: pass 1's first 12 samples, N = 24, B = 3) as epoch 1
+    of 8-step epochs and as epoch 2 of 4-step epochs: the same samples, the same crops and flips."""
+    split = data["train"]
+    long_epochs = train_batches(train_spec(split, epoch=1, steps=4, epoch_steps=8), 0)
+    short_epochs = train_batches(train_spec(split, epoch=2, steps=4, epoch_steps=4), 0)
+    assert_same_batches(short_epochs, long_epochs)
+    other_pass = train_batches(train_spec(split, epoch=0, steps=4, epoch_steps=4), 0)  # pass 0
+    assert not all(torch.equal(a.images, b.images) for a, b in zip(other_pass, long_epochs))
+
+
 def test_an_epoch_longer_than_a_pass_reads_on_into_the_next(data):
     """9 steps × 3 = 27 of 24 samples (an epoch as NVIDIA's ceil counts it): the last step is the
     first 3 samples of pass 1, after all 24 of pass 0 once."""
