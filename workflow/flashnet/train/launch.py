@@ -106,7 +106,8 @@ def train_from_cli(args: argparse.Namespace) -> None:
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher, mlperf=MlperfConfig.from_dict(args.mlperf).to_dict())
     progress = ProgressLines(f"train {args.name}", open_progress_fd(args.progress_fd), args.out_dir, run.epochs,
-                             run.batch_size, verify_manifest(args.train_manifest)["samples"])
+                             run.batch_size, verify_manifest(args.train_manifest)["samples"],
+                             epoch_steps=run.epoch_steps, ranks=run.world_size)
     summary = run_job(TrainJob(spec, args.fresh), launcher, Path(spec.out_dir) / "jobs", progress, args.log_file)
     top1 = summary["final_top1"]
     reached = summary["time_to_target_s"]
