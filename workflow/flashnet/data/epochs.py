@@ -12,7 +12,9 @@ flip are drawn from (seed, pass, sample): a pure function of where it is in the 
 epoch it falls in. At the seed's scale (1,281,167 images in 1,282 shards of 1,000, 2,048 ranks ×
 40, B = 81,920, floor: 15 steps an epoch) an epoch is 0.96 of a pass and a rank reads 600
 samples from ~480 shards. A global batch does not depend on how it is split over ranks, and no
-batch depends on the number of loader workers.
+batch depends on the number of loader workers. MLPerf's rules ask no more of the order: "arbitrary
+sharding, batching, and packing are allowed provided that (1) the data is still overall randomly
+ordered ... and (2) each datum still appears exactly once" (training_rules.adoc, per pass here).
 
 A sample is read by its byte range in its shard, which the manifest step records for every sample
 (``sample-ranges.npy`` beside the manifest, 16 bytes a sample, 20 MB for ImageNet, memory-mapped:
