@@ -7,7 +7,7 @@ hyperparameter table and rules of mlcommons/training_policies ``training_rules.a
 "By default, the hyperparameters must be the same as the reference", evaluation "Every 4 epochs with
 offset 0 or 1 or 2 or 3", the quality target 75.90 % top-1, label smoothing "0 or 0.1", LARS momentum
 "0.9 for batch<32k", and "CLOSED: The same preprocessing steps as the reference implementation must be
-used" (Preprocessing During the Run), which for the crop is the MLPerf ResNet reference's
+used" (Preprocessing During the Run). For the crop, the MLPerf ResNet reference
 (mlcommons/training, ``retired_benchmarks/resnet-tf2/tensorflow2/imagenet_preprocessing.py``) crops
 ``area_range=[0.05, 1.0]``, ``aspect_ratio_range=[0.75, 1.33]``, and NVIDIA's closed submissions crop
 the same area (``run_and_time.sh --min-random-area 0.05 --max-random-area 1.0``) at 3/4 to 4/3
