@@ -43,6 +43,109 @@ def preset(name: str) -> Resolved:
     return Resolved.of(run, IMAGENET_TRAIN_IMAGES)
 
 
+# ---------------------------------------------------------------- step counts as the sources' code makes them
+
+N = 1_281_167  # ImageNet-1k train images (every source's num_examples / NUM_IMAGES['train'])
+
+NVIDIA_FIT_PY = ("mlcommons/training_results_v4.0, NVIDIA/benchmarks/resnet/implementations/*_mxnet/common/fit.py: "
+                 "get_epoch_size, PolySchedule(warmup_iterations = epoch_size * warmup_epochs), "
+                 "`if eval_data and epoch % eval_period == eval_offset` (0-based epoch), num_epoch epochs of "
+                 "epoch_size steps")
+TF2_REFERENCE = ("mlcommons/training, retired_benchmarks/resnet-tf2/tensorflow2/common.py "
+                 "get_num_train_iterations (drop_train_remainder True: NUM_IMAGES['train'] // batch_size; "
+                 "train_epochs rounded up to end on an evaluation), lars_util.py (warmup_steps = warmup_epochs * "
+                 "steps_per_epoch), resnet_ctl_imagenet_main.py (eval every epochs_between_evals * steps from "
+                 "eval_offset_epochs * steps)")
+FUJITSU_FIT_PY = ("mlcommons/training_results_v0.6, Fujitsu/benchmarks/resnet/implementations/mxnet/JobScripts/"
+                  "image_classification/common/fit.py: get_epoch_size, warmup_steps = get_epoch_size * warmup_epochs, "
+                  "decay_steps = --decay_steps after the warmup, `epoch >= eval_offset and (epoch - eval_offset) % "
+                  "eval_period == 0`, ResizeIter(train, epoch_size) for num_epochs epochs")
+
+# preset → (source's code, ranks, per-rank batch, warmup epochs, decay steps, eval period, eval offset as the
+# source's flag says it, num epochs). Ranks and per-rank batch: the RCP row's BN span on one device (NVIDIA),
+# the TF2 reference's global batch (its steps do not depend on devices), Fujitsu's 2,048 GPUs × 42. NVIDIA's
+# EVAL_OFFSET is flashnet's eval_offset; the TF2 reference's eval_offset_epochs is the 1-based first epoch.
+# Num epochs: NVIDIA's NUMEPOCHS as its configs choose it, on a validated epoch past the LR horizon
+# (config_DGXH100_multi_316x8x16.sh: 'EVAL_OFFSET="1" #Targeting epoch 70 (total 70)'); None: the LR
+# horizon in epochs as the TF2 reference's --train_epochs, which get_num_train_iterations rounds up.
+SOURCE_RUNS = {
+    "mlperf-lars-b1632": (NVIDIA_FIT_PY, 8, 204, 2, 27476, 4, 2, 39),
+    "mlperf-lars-b3264": (NVIDIA_FIT_PY, 16, 204, 2, 14523, 4, 2, 39),
+    "mlperf-lars-b4096": (TF2_REFERENCE, 1, 4096, 5, 13137, 4, 4, None),
+    "mlperf-lars-b8192": (TF2_REFERENCE, 1, 8192, 5, 6095, 4, 2, None),
+    "mlperf-lars-b13056": (NVIDIA_FIT_PY, 64, 204, 9, 4710, 4, 1, 58),
+    "mlperf-lars-b32768": (TF2_REFERENCE, 1, 32768, 16, 2267, 4, 4, None),
+    "mlperf-lars-b49152": (NVIDIA_FIT_PY, 192, 256, 24, 1846, 4, 3, 96),
+    "mlperf-lars-b58880": (NVIDIA_FIT_PY, 256, 230, 29, 1785, 4, 3, 112),
+    "mlperf-lars-b65536": (TF2_REFERENCE, 1, 65536, 31, 1133, 4, 1, None),
+    "mlperf-lars-b67840": (NVIDIA_FIT_PY, 160, 424, 31, 1133, 4, 1, 94),
+    "fujitsu-mlperf-v0.6": (FUJITSU_FIT_PY, 2048, 42, 36, 780, 4, 1, 90),
+}
+
+
+def source_step_counts(preset_name: str) -> dict:
+    """Steps per epoch, warmup steps, the steps after which it evaluates, total steps and the step at
+    which the LR reaches its floor, computed as the preset's source's code computes them."""
+    code, ranks, per_rank, warmup_epochs, decay_steps, period, offset, num_epochs = SOURCE_RUNS[preset_name]
+    if code == TF2_REFERENCE:
+        epoch_size = N // (ranks * per_rank)
+        num_epochs = math.ceil((epoch_size * warmup_epochs + decay_steps) / epoch_size)
+        train_epochs = offset + math.ceil((num_epochs - offset) / period) * period
+        evals = [offset * epoch_size + k * period * epoch_size for k in range(train_epochs // period + 1)]
+        evals = [step for step in evals if 0 < step <= train_epochs * epoch_size]
+    else:
+        epoch_size = math.ceil(int(N / ranks) / per_rank)
+        train_epochs = num_epochs
+        if code == NVIDIA_FIT_PY:
+            evaluated = [epoch for epoch in range(train_epochs) if epoch % period == offset]
+        else:
+            evaluated = [epoch for epoch in range(train_epochs) if epoch >= offset and (epoch - offset) % period == 0]
+        evals = [(epoch + 1) * epoch_size for epoch in evaluated]
+    warmup = epoch_size * warmup_epochs
+    return {"steps_per_epoch": epoch_size, "warmup_steps": warmup, "eval_steps": evals,
+            "total_steps": epoch_size * train_epochs, "floor_step": warmup + decay_steps, "decay_steps": decay_steps}
+
+
+def flashnet_step_counts(resolved: Resolved) -> dict:
+    return {"steps_per_epoch": resolved.steps_per_epoch, "warmup_steps": resolved.schedule.warmup_steps,
+            "eval_steps": resolved.eval_steps, "total_steps": resolved.total_steps,
+            "floor_step": resolved.schedule.horizon_steps, "decay_steps": resolved.schedule.decay_steps}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_RUNS))
+def test_preset_steps_are_its_sources(name):
+    resolved = preset(name)
+    assert flashnet_step_counts(resolved) == source_step_counts(name)
+    lr = resolved.schedule
+    assert lr(lr.horizon_steps - 1) == pytest.approx(resolved.run.end_lr)  # the floor, on the 1-based step
+    assert lr(lr.horizon_steps - 2) > resolved.run.end_lr * (1 + 1e-9)
+    # the run's last step is a validated one: no evaluation off the cadence
+    assert resolved.eval_steps[-1] == resolved.total_steps
+
+
+def test_the_issues_figures():
+    """NVIDIA at 67,840 (160 ranks × 424): 19 steps an epoch, warmup 589 (flashnet's floor counting
+    made 18 and 558); Fujitsu: 15 steps an epoch, warmup 540, 1,350 steps, floor 0.0325 at step 1,320."""
+    b67840, fujitsu = flashnet_step_counts(preset("mlperf-lars-b67840")), flashnet_step_counts(preset("fujitsu-mlperf-v0.6"))
+    assert (b67840["steps_per_epoch"], b67840["warmup_steps"]) == (19, 589)
+    assert (fujitsu["steps_per_epoch"], fujitsu["warmup_steps"], fujitsu["total_steps"], fujitsu["floor_step"]) == (
+        15, 540, 1350, 1320)
+    assert fujitsu["eval_steps"][-1] == 1350 and fujitsu["eval_steps"][0] == 30
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_RUNS))
+def test_recipe_prints_the_sources_step_counts(name):
+    out = subprocess.run([sys.executable, "-m", "flashnet.cli", "recipe", name], capture_output=True, text=True,
+                         check=True).stdout
+    counts = source_step_counts(name)
+    lines = dict(line.strip().split("  ", 1) for line in out.splitlines()[1:] if not line.strip().startswith("-"))
+    assert lines["steps per epoch"].strip().startswith(f"{counts['steps_per_epoch']:,} = ")
+    assert f"= {counts['warmup_steps']:,} steps" in lines["warmup"]
+    assert f"reaches end_lr {preset(name).run.end_lr:g} at step {counts['floor_step']:,}" in lines["decay"]
+    assert f"= {counts['total_steps']:,} steps" in lines["length"]
+    assert lines["validation"].strip().endswith(f"{counts['eval_steps'][-1]:,}")
+
+
 def test_every_rcp_row_has_a_preset_and_every_mlperf_preset_a_row():
     from flashnet.config import load_presets
     from flashnet.resolve import WORKFLOW_ROOT
@@ -54,7 +157,7 @@ def test_every_rcp_row_has_a_preset_and_every_mlperf_preset_a_row():
 def test_package_rcp_table_equals_this_copy_of_the_source():
     from flashnet.mlperf.rcp import RCP_RESNET_EPOCHS
 
-    assert RCP_RESNET_EPOCHS == {batch: tuple(row[-1]) for batch, row in RCP_RESNET_4_0_0.items()}
+    assert RCP_RESNET_EPOCHS == {batch: tuple(sorted(row[-1])) for batch, row in RCP_RESNET_4_0_0.items()}
 
 
 @pytest.mark.parametrize("batch", sorted(RCP_RESNET_4_0_0))
@@ -90,7 +193,7 @@ def test_recipe_mllog_of_b32768_says_what_the_rcp_row_says():
         "lars_opt_base_learning_rate": 21.2, "lars_opt_end_learning_rate": 0.0001,
         "lars_opt_learning_rate_decay_poly_power": 2, "lars_opt_learning_rate_decay_steps": 2267,
         "lars_epsilon": 0.0, "lars_opt_learning_rate_warmup_epochs": 16, "lars_opt_momentum": 0.94,
-        "lars_opt_weight_decay": 2.5e-5, "model_bn_span": 128,
+        "lars_opt_weight_decay": 2.5e-5, "model_bn_span": 128, "train_samples": 1_281_167,
     }
 
 
@@ -161,3 +264,22 @@ def test_goyal_preset_equals_the_paper():
     assert run.lr == pytest.approx(0.1 * 8192 / 256)
     assert (run.warmup_epochs, run.epochs, run.momentum, run.weight_decay) == (5, 90, 0.9, 1e-4)
     assert run.zero_init_residual and run.label_smoothing == 0.0
+
+
+def test_optimizers_of_nvidia_and_fujitsu_presets_are_theirs():
+    """NVIDIA's presets decay the fc bias without LARS (fit.py set_wd_mult); Fujitsu's trust ratio
+    divides by its unscheduled 6.5e-4 (fit.py 'wd': args.wd * args.lr; mxnet_op.h)."""
+    import torchvision
+
+    from flashnet.train.module import build_optimizer
+
+    model = torchvision.models.resnet18()
+    nvidia = build_optimizer(preset("mlperf-lars-b3264").run, model)
+    decayed_bias = [g for g in nvidia.param_groups if not g["lars"] and g["weight_decay"] > 0]
+    assert len(decayed_bias) == 1 and decayed_bias[0]["params"] == [model.fc.bias]
+    assert all(g["trust_weight_decay"] is None for g in nvidia.param_groups)
+    google = build_optimizer(preset("mlperf-lars-b32768").run, model)
+    assert all(g["weight_decay"] == 0 for g in google.param_groups if not g["lars"])
+    fujitsu = build_optimizer(preset("fujitsu-mlperf-v0.6").run, model)
+    assert {g["trust_weight_decay"] for g in fujitsu.param_groups} == {0.00065}
+    assert 0.0025 / 0.00065 == pytest.approx(3.85, abs=0.005)

@@ -24,8 +24,16 @@ def test_a_preset_is_shown_with_its_steps_schedule_and_division():
     assert "39 = floor(1,281,167 / 32,768)" in text
     assert "16 epochs = 624 steps, linear to lr 21.2" in text
     assert "2,267 steps, power 2; reaches end_lr 0.0001 at step 2,891" in text
-    assert "at most 75 epochs = 2,925 steps; stops at the first validation ≥ 75.9% top-1" in text
-    assert "(every 4, offset 3)" in text and "closed (meets the closed ResNet-50 rules" in text
+    # the first validated epoch (offset 3: 4, 8, ..., 76) at or past the LR horizon, as the TF2 reference rounds
+    assert "at most 76 epochs = 2,964 steps; stops at the first validation ≥ 75.9% top-1" in text
+    assert "(every 4, offset 3); after steps 156, 312," in text and text.count("2,964") >= 2
+    assert "closed (meets the closed ResNet-50 rules" in text
+
+
+def test_an_nvidia_preset_counts_its_epochs_as_nvidias_fit_py():
+    text = recipe("mlperf-lars-b67840").stdout
+    assert "19 = ceil(floor(1,281,167 / 160 ranks) / 424) (ceil_per_rank): 1,288,960 samples" in text
+    assert "31 epochs = 589 steps" in text and "at most 94 epochs = 1,786 steps" in text
 
 
 def test_a_run_of_the_configuration_says_which_closed_rules_it_breaks():
@@ -41,7 +49,7 @@ def test_configfiles_merge_over_the_default_and_a_manifest_sets_the_sample_count
     (tmp_path / "manifest.json").write_text(json.dumps({"samples": 100_000}))
     text = recipe("big", "--configfile", str(tmp_path / "mine.yaml"), "--manifest", str(tmp_path / "manifest.json")).stdout
     assert "100,000" in text and "3,264 = 4 node(s) × 8 device(s) × 102 per device" in text
-    assert "30 = floor(100,000 / 3,264)" in text
+    assert "31 = ceil(floor(100,000 / 32 ranks) / 102) (ceil_per_rank)" in text  # the preset's NVIDIA counting
     # the preset's BN span (204) is two devices of 102 now: synchronised
     assert "204 samples = 2 device(s) × 102 (SyncBatchNorm)" in text
     default = recipe("default", "--configfile", str(tmp_path / "mine.yaml")).stdout

@@ -42,3 +42,12 @@ def test_short_reason_names_the_exception_that_ended_the_job():
     assert runfolder.short_reason("interrupted (SIGTERM): cancelled job 42; rerunning resumes") == \
         "interrupted (SIGTERM): cancelled job 42; rerunning resumes"
     assert runfolder.short_reason("job 42 (FAILED) failed:\nno trace") == "job 42 (FAILED) failed"
+
+
+def test_run_total_steps_counts_epochs_by_the_runs_rule():
+    from flashnet.runfolder import run_total_steps
+
+    nvidia = {"epochs": 2, "batch_size": 3264, "epoch_steps": "ceil_per_rank", "nodes": 2, "devices_per_node": 8}
+    assert run_total_steps(nvidia, 1_281_167) == 2 * 393  # ceil(floor(1,281,167 / 16) / 204)
+    assert run_total_steps({**nvidia, "epoch_steps": "floor"}, 1_281_167) == 2 * 392
+    assert run_total_steps({"epochs": 2, "batch_size": 3264}, 1_281_167) == 2 * 392  # a run written before the key

@@ -10,6 +10,7 @@ themselves, so matching them to the samples' shows which samples came out, and h
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pickle
 import re
@@ -147,27 +148,28 @@ def rank_keys(split: Split, spec: loader.TrainStreamSpec, workers: int, resume_a
     ("train-1-shard", 5, 2, 1),     # B = 5: 4 steps, tail of 4
     ("train-24-shards", 4, 1, 5),   # a shard per sample: B = 20, 1 step, tail of 4
 ])
-def test_every_epoch_reads_every_sample_once_but_a_tail_under_one_global_batch(data, split_name, world_size, workers,
-                                                                             batch_size):
-    """Over all ranks and workers, each epoch reads each sample at most once, and all but
-    N mod B of them; every rank yields the same number of full batches; the same holds across a
-    resume mid-epoch; the next epoch is another order with another tail."""
+def test_the_stream_reads_every_sample_once_a_pass(data, split_name, world_size, workers, batch_size):
+    """Over all ranks and workers, epochs 0 and 1 (floor(N / B) steps each, the first resumed
+    mid-epoch) read the stream's first 2 × steps × B samples: all N of pass 0 once, then the first
+    of pass 1 (distinct), so none sits out; every rank yields the same number of full batches."""
     split = data[split_name]
     n, global_batch = len(split.samples), world_size * batch_size
     steps = n // global_batch
-    tails = []
+    seen: list[str] = []
     for epoch in (0, 1):
-        seen: list[str] = []
+        epoch_keys: list[str] = []
         for rank in range(world_size):
             spec = train_spec(split, epoch=epoch, rank=rank, world_size=world_size, steps=steps, batch_size=batch_size)
             keys = rank_keys(split, spec, workers, resume_at=steps // 2 if epoch == 0 else None)
             assert len(keys) == steps * batch_size, f"rank {rank}: {len(keys)} samples"
-            seen += keys
-        assert len(seen) == len(set(seen)) == steps * global_batch, "a sample read twice in one epoch"
-        tails.append(set(split.samples) - set(seen))
-        assert len(tails[-1]) == n % global_batch
-    if n % global_batch:
-        assert tails[0] != tails[1], "the same samples sat out both epochs"
+            epoch_keys += keys
+        if epoch == 0:  # within pass 0
+            assert len(epoch_keys) == len(set(epoch_keys)), "a sample read twice in one pass"
+        seen += epoch_keys
+    counts = collections.Counter(seen)
+    assert set(counts) == set(split.samples), "a sample sat out a whole pass"
+    twice = 2 * steps * global_batch - n
+    assert collections.Counter(counts.values()) == collections.Counter({1: n - twice, 2: twice})
 
 
 def test_the_epoch_order_changes_with_epoch_and_seed(data):
@@ -229,10 +231,23 @@ def test_batches_are_a_function_of_seed_epoch_and_rank(data):
         assert differing == 4, f"{change}: only {differing} of 4 batches differ"
 
 
-def test_a_plan_past_the_end_of_the_samples_is_refused(data):
-    train_spec(data["train"], steps=8)  # 8 × 3 = all 24
-    with pytest.raises(ValueError, match="9 steps of 1 × 3 samples exceed the 24 train samples"):
-        train_spec(data["train"], steps=9)
+def test_a_samples_crop_depends_on_its_pass_not_on_the_epoch_it_falls_in(data):
+    """Global steps 8-11 (stream positions 24-35: pass 1's first 12 samples, N = 24, B = 3) as epoch 1
+    of 8-step epochs and as epoch 2 of 4-step epochs: the same samples, the same crops and flips."""
+    split = data["train"]
+    long_epochs = train_batches(train_spec(split, epoch=1, steps=4, epoch_steps=8), 0)
+    short_epochs = train_batches(train_spec(split, epoch=2, steps=4, epoch_steps=4), 0)
+    assert_same_batches(short_epochs, long_epochs)
+    other_pass = train_batches(train_spec(split, epoch=0, steps=4, epoch_steps=4), 0)  # pass 0
+    assert not all(torch.equal(a.images, b.images) for a, b in zip(other_pass, long_epochs))
+
+
+def test_an_epoch_longer_than_a_pass_reads_on_into_the_next(data):
+    """9 steps × 3 = 27 of 24 samples (an epoch as NVIDIA's ceil counts it): the last step is the
+    first 3 samples of pass 1, after all 24 of pass 0 once."""
+    split = data["train"]
+    keys = rank_keys(split, train_spec(split, steps=9), 0)
+    assert sorted(keys[:24]) == sorted(split.samples) and len(set(keys[24:])) == 3
     with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
         train_spec(data["train"], rank=2, world_size=2, steps=1)
 

@@ -73,7 +73,7 @@ def test_log_order_and_metadata(closed_run):
     assert values["submission_division"] == "closed" and values["submission_org"] == "flashnet-tests"
     assert values["submission_platform"] == platform_name(1, summary["device_name"])
     assert (values["train_samples"], values["eval_samples"], values["global_batch_size"]) == (160, 40, 16)
-    assert lines[-1]["metadata"]["file"] == "log.py"  # the emitting callback, as mllog records its caller
+    assert Path(lines[-1]["metadata"]["file"]).name == "log.py"  # the emitting callback, as mllog records its caller
 
 
 def test_summary_has_mlperf_time_to_train(closed_run):

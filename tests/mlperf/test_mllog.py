@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlperf_logging.compliance_checker.mlp_parser import parse_file
 
 from flashnet.mlperf import mllog
@@ -20,4 +22,4 @@ def test_lines_parse_with_mlcommons_parser(tmp_path):
     assert values["lars_opt_learning_rate_decay_steps"] == 14523 and values["model_bn_span"] == 204
     last = parsed[-1]
     assert last.timestamp == 1_700_000_000_000 and last.value["metadata"]["epoch_num"] == 35
-    assert last.value["metadata"]["file"] == "test_mllog.py"  # the caller, as mllog records it
+    assert Path(last.value["metadata"]["file"]).name == "test_mllog.py"  # the caller, as mllog records it

@@ -38,6 +38,7 @@ def test_rcp_comparison_per_lars_run(runs):
     assert rows["b40000"]["rcp_mean_epochs"] == pytest.approx(between)
     assert rows["b40000"]["rcp_how"] == "interpolated between rows 32,768 and 49,152"
     assert rows["b1024"]["rcp_how"] == "below the smallest row: row 1,632"
+    assert 34 < rows["b3264"]["rcp_min_epochs"] < rows["b3264"]["rcp_mean_epochs"]  # the checker's t-test bound
     assert rows["b86016"]["rcp_mean_epochs"] is None and rows["b86016"]["ratio"] is None
     assert rows["b86016"]["rcp_how"] == "missing: above the largest row (67,840)"
     assert rows["b3264"]["data"] == "ImageNet-1k" and rows["sample-b64"]["data"] == "1,000 images: not comparable"

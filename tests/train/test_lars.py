@@ -250,6 +250,28 @@ def test_lars_step_size_is_eta_times_weight_norm():
     assert step_norm == pytest.approx(0.1 * 0.01 * 2.0 * math.sqrt(10), rel=1e-9)
 
 
+def test_trust_weight_decay_replaces_lambda_in_the_trust_ratio_only():
+    """Fujitsu's MLPerf v0.6 kernel: τ = η‖w‖ / (‖g‖ + λ'‖w‖ + ε) with its own unscheduled λ' = 6.5e-4,
+    while the decay term stays τ·λ·w. With a vanishing gradient τ = η/λ', Fujitsu's ceiling 3.85."""
+    w = torch.nn.Parameter(torch.full((10,), 2.0, dtype=torch.float64))
+    w.grad = torch.full((10,), 1e-12, dtype=torch.float64)
+    before = w.detach().clone()
+    LARS([w], lr=1.0, momentum=0.0, weight_decay=5e-5, eta=0.0025, eps=0.0, trust_weight_decay=6.5e-4).step()
+    tau = 0.0025 / 6.5e-4  # ‖g‖ ≈ 0
+    expected = before - tau * (w.grad + 5e-5 * before)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-9, atol=0)
+    assert tau == pytest.approx(3.846, abs=1e-3)
+
+
+def test_decayed_classifier_bias_gets_weight_decay_without_the_trust_ratio():
+    """NVIDIA's MLPerf fit.py (set_wd_mult): weights and the fc bias are decayed, the bias without LARS."""
+    model = torchvision.models.resnet18()
+    groups = lars_param_groups(model, weight_decay=5e-5, decayed=[model.fc.bias])
+    assert [(g["weight_decay"], g["lars"], len(g["params"])) for g in groups] == [
+        (5e-5, True, 21), (0.0, False, 40), (5e-5, False, 1)]
+    assert groups[2]["params"][0] is model.fc.bias
+
+
 @pytest.mark.parametrize("arch, adapted, excluded", [("resnet18", 21, 41), ("resnet50", 54, 107)])
 def test_param_groups_on_resnet(arch, adapted, excluded):
     """Conv and fc weights get LARS and decay; every BatchNorm γ/β and bias is excluded;

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from . import config as cfg
 from .data.sources import IMAGENET_COUNTS
-from .mlperf import mllog
 from .mlperf.rules import closed_division_breaks
-from .train.schedule import WarmupPolySchedule, schedule_for_run, steps_per_epoch, total_steps
+from .train.schedule import WarmupPolySchedule, run_steps_per_epoch, schedule_for_run, total_steps
 
 WORKFLOW_ROOT = cfg.WORKFLOW_ROOT
 IMAGENET_TRAIN_IMAGES = IMAGENET_COUNTS["train"]  # 1,281,167
@@ -70,12 +69,17 @@ class Resolved:
 
     @classmethod
     def of(cls, run: cfg.RunConfig, train_samples: int) -> "Resolved":
-        spe = steps_per_epoch(train_samples, run.batch_size)
+        spe = run_steps_per_epoch(run, train_samples)
         return cls(run, train_samples, spe, total_steps(run.epochs, spe), schedule_for_run(run, spe))
 
     @property
     def eval_epochs(self) -> list[int]:
         return [e for e in range(1, math.ceil(self.run.epochs) + 1) if self.run.is_eval_epoch(e)]
+
+    @property
+    def eval_steps(self) -> list[int]:
+        """Optimizer steps after which validation runs (the last step of each validated epoch)."""
+        return [min(e * self.steps_per_epoch, self.total_steps) for e in self.eval_epochs]
 
     def lr_points(self) -> list[tuple[int, float]]:
         """(step, lr) at the run's landmarks: first step, warmup's end, a quarter, half and three
@@ -98,11 +102,11 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
                f"outlasts the run's {resolved.total_steps:,}")
     stop = (f"stops at the first validation ≥ {run.target_top1:.1%} top-1" if run.stop_at_target
             else f"time to target {run.target_top1:.1%} read off; trains every epoch")
-    evals = resolved.eval_epochs
-    evals_text = ", ".join(map(str, evals)) if len(evals) <= 12 else \
-        f"{', '.join(map(str, evals[:6]))}, …, {', '.join(map(str, evals[-3:]))}"
+    evals_text = _shortened(resolved.eval_epochs)
     optimizer = (f"LARS  momentum {run.momentum:g}  weight decay {run.weight_decay:g}  η {run.lars_eta:g}  "
-                 f"ε {run.lars_epsilon:g}" if run.optimizer == "lars" else
+                 f"ε {run.lars_epsilon:g}"
+                 + ("" if run.lars_trust_weight_decay is None else f"  trust-ratio λ {run.lars_trust_weight_decay:g}")
+                 if run.optimizer == "lars" else
                  f"SGD  momentum {run.momentum:g}  weight decay {run.weight_decay:g}")
     breaks = closed_division_breaks(run)
     crop = (f"scale {list(run.crop_scale)}  ratio [{run.crop_ratio[0]:.4g}, {run.crop_ratio[1]:.4g}]"
@@ -114,14 +118,15 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
         ("global batch", f"{run.batch_size:,} = {run.nodes} node(s) × {run.devices_per_node} device(s) × "
                          f"{run.per_device_batch} per device"),
         ("BatchNorm span", bn),
-        ("steps per epoch", f"{spe:,} = floor({resolved.train_samples:,} / {run.batch_size:,}); "
-                            f"{resolved.train_samples - spe * run.batch_size:,} images an epoch left out"),
+        ("steps per epoch", epoch_text(resolved)),
         ("warmup", f"{_epochs(run.warmup_epochs)} = {s.warmup_steps:,} steps, linear to lr {run.lr:g}"),
         ("decay", f"{s.decay_steps:,} steps, power {run.lr_decay_power:g}; {horizon}"),
         ("length", f"at most {_epochs(run.epochs)} = {resolved.total_steps:,} steps; {stop}"),
-        ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset})"),
+        ("validation", f"after epochs {evals_text} (every {run.eval_every_epochs}, offset {run.eval_offset}); "
+                       f"after steps {_shortened(resolved.eval_steps)}"),
         ("LR at step", "  ".join(f"{step:,}: {lr:.4g}" for step, lr in resolved.lr_points())),
-        ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"),
+        ("optimizer", f"{optimizer}  label smoothing {run.label_smoothing:g}"
+                      + ("  fc bias decayed" if run.fc_bias_weight_decay else "")),
         ("crop", crop),
         ("MLPerf division", "closed (meets the closed ResNet-50 rules of training 4.0.0)" if not breaks else
                             "open; the closed rules it breaks:"),
@@ -133,13 +138,32 @@ def describe(resolved: Resolved, name: str, origin: str, samples_origin: str) ->
     return "\n".join(lines)
 
 
+def epoch_text(resolved: Resolved) -> str:
+    """How an epoch is counted, and how much of a pass over the data it is."""
+    run, n, spe = resolved.run, resolved.train_samples, resolved.steps_per_epoch
+    if run.epoch_steps == "floor":
+        how = f"floor({n:,} / {run.batch_size:,})"
+    else:
+        how = f"ceil(floor({n:,} / {run.world_size:,} ranks) / {run.per_device_batch:,}) (ceil_per_rank)"
+    return (f"{spe:,} = {how}: {spe * run.batch_size:,} samples, {spe * run.batch_size / n:.4f} of a pass "
+            f"over the {n:,} (the samples are one stream of passes)")
+
+
+def _shortened(numbers: list[int]) -> str:
+    text = [f"{n:,}" for n in numbers]
+    return ", ".join(text) if len(text) <= 12 else f"{', '.join(text[:6])}, …, {', '.join(text[-3:])}"
+
+
 def _epochs(count: float) -> str:
     return f"{count:g} epoch" + ("" if count == 1 else "s")
 
 
 def mllog_lines(resolved: Resolved) -> list[str]:
-    return [mllog.line(key, value, caller_depth=2) for key, value in
-            mllog.hyperparameters(resolved.run, resolved.steps_per_epoch)]
+    from .mlperf import mllog  # mlperf-logging: the train extra's
+
+    # train_samples is N, the data set's size, as NVIDIA's dali.py logs num_examples (not steps × B)
+    events = [*mllog.hyperparameters(resolved.run, resolved.steps_per_epoch), ("train_samples", resolved.train_samples)]
+    return [mllog.line(key, value, caller_depth=2) for key, value in events]
 
 
 def recipe_from_cli(args) -> None:

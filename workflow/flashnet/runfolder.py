@@ -68,11 +68,18 @@ def last_step_row(run_dir: Path) -> dict[str, float] | None:
     return rows[-1] if rows else None
 
 
-def total_steps(epochs: float, batch_size: int, train_samples: int | None) -> int | None:
-    """The run's optimizer steps, as the recipe counts them (whole global batches per epoch)."""
+def total_steps(epochs: float, batch_size: int, train_samples: int | None, rule: str = "floor",
+                ranks: int = 1) -> int | None:
+    """The run's optimizer steps, as the recipe counts them (its ``epoch_steps`` rule over its ranks)."""
     if not train_samples or batch_size <= 0 or train_samples < batch_size:
         return None
-    return schedule.total_steps(epochs, schedule.steps_per_epoch(train_samples, batch_size))
+    return schedule.total_steps(epochs, schedule.steps_per_epoch(train_samples, batch_size, rule, ranks))
+
+
+def run_total_steps(run: dict, train_samples: int | None) -> int | None:
+    """:func:`total_steps` of a run's settings (a run of the configuration, as a mapping)."""
+    return total_steps(run["epochs"], run["batch_size"], train_samples, run.get("epoch_steps", "floor"),
+                       run.get("nodes", 1) * run.get("devices_per_node", 1))
 
 
 def eta_s(step: float, total: int | None, wall_s: float) -> float | None:

@@ -20,7 +20,7 @@ from .jobs import slurm
 from .jobs.lock import local_job_alive
 from .progress import format_duration
 from .runfolder import (epoch_rows, eta_s, last_step_row, read_json, short_reason, time_to_target,
-                        total_steps)
+                        run_total_steps)
 
 # The workflow this package belongs to (workflow/flashnet/ in it): its schema and presets.
 WORKFLOW_DIR = cfg.WORKFLOW_ROOT
@@ -115,7 +115,7 @@ def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples:
         again = requeues or (len(RESUMED.findall(text)) if cluster == "local" else 0)
         status.state = state + (f", requeued ×{again}" if again else "") + ("" if waiting else ", no rule waiting on it")
         if state == "running":
-            status.eta = format_duration(eta_s(step, total_steps(run["epochs"], run["batch_size"], train_samples),
+            status.eta = format_duration(eta_s(step, run_total_steps(run, train_samples),
                                                wall))
     elif failure(text):
         status.state = failure(text)
@@ -135,7 +135,7 @@ def fill_progress(status: RunStatus, run: dict[str, Any], run_dir: Path, summary
     wall = max([r["wall_s"] for r in rows] + ([step_row["wall_s"]] if step_row else []), default=0.0)
     if summary.get("finished"):
         step, wall = summary.get("steps", step), summary.get("train_seconds", wall)
-    total = total_steps(run["epochs"], run["batch_size"], train_samples)
+    total = run_total_steps(run, train_samples)
     if step:
         status.epoch = f"{rows[-1]['epoch'] if rows else 0:.0f}/{run['epochs']:g}"
         status.step = f"{step:.0f}/{total}" if total else f"{step:.0f}"

@@ -54,10 +54,11 @@ class ProgressLines:
     """Says what a waiting job does, once per change, to the log and to ``terminal``."""
 
     def __init__(self, label: str, terminal: TextIO | None, run_dir: Path | None = None, epochs: float = 0,
-                 batch_size: int = 0, train_samples: int | None = None, every_s: float = 60.0):
+                 batch_size: int = 0, train_samples: int | None = None, every_s: float = 60.0,
+                 epoch_steps: str = "floor", ranks: int = 1):
         self.label, self.terminal, self.run_dir = label, terminal, run_dir
         self.epochs = epochs
-        self.total_steps = total_steps(epochs, batch_size, train_samples)
+        self.total_steps = total_steps(epochs, batch_size, train_samples, epoch_steps, ranks)
         self.every_s = every_s
         self._state = None
         self._attempts = 1

@@ -1,15 +1,20 @@
-"""Real epochs: which train samples each rank's batches hold, from the manifest alone.
+"""Which train samples each rank's batches hold, from the manifest alone.
 
-Epoch ``e`` is a permutation of all N train samples (numbered in shard order), seeded by (seed,
-e, N) and the same on every rank. Global step ``t`` of the epoch trains on the permutation's
-``t``-th run of B = world × b samples, and rank ``r`` takes the ``r``-th b of them. An epoch is
-``steps`` = floor(N / B) steps (``steps_per_epoch`` in train/recipe.py, the one definition), so
-each sample is in exactly one batch of each epoch except the permutation's tail of N mod B < B
-samples, which changes from epoch to epoch. Every rank has ``steps`` batches of b, whatever the
-number of shards: at the seed's scale (1,281,167 images in 1,282 shards of 1,000, 2,048 ranks × 40,
-B = 81,920) an epoch is 15 steps, a rank reads 600 samples from ~480 shards, and 52,367 samples
-sit the epoch out. A global batch does not depend on how it is split over ranks, and no batch
-depends on the number of loader workers.
+The samples are one stream: a concatenation of passes, pass ``p`` a permutation of all N train
+samples (numbered in shard order) seeded by (seed, p, N), the same on every rank. Global step
+``t`` trains on the stream's samples [tB, (t + 1)B), B = world × b, and rank ``r`` takes the
+``r``-th b of them; so every sample is read once per pass and none is dropped, and a step may
+straddle two passes (its samples then come from the end of one permutation and the start of the
+next). An epoch is ``steps_per_epoch`` steps of this stream (train/schedule.py, the one definition,
+counted as the recipe's source counts them: floor(N / B), or NVIDIA's and Fujitsu's
+ceil(floor(N / W) / b)); epoch ``e`` (0-based) is steps [e·S, (e + 1)·S). Each sample's crop and
+flip are drawn from (seed, pass, sample): a pure function of where it is in the stream, whatever
+epoch it falls in. At the seed's scale (1,281,167 images in 1,282 shards of 1,000, 2,048 ranks ×
+40, B = 81,920, floor: 15 steps an epoch) an epoch is 0.96 of a pass and a rank reads 600
+samples from ~480 shards. A global batch does not depend on how it is split over ranks, and no
+batch depends on the number of loader workers. MLPerf's rules ask no more of the order: "arbitrary
+sharding, batching, and packing are allowed provided that (1) the data is still overall randomly
+ordered ... and (2) each datum still appears exactly once" (training_rules.adoc, per pass here).
 
 A sample is read by its byte range in its shard, which the manifest step records for every sample
 (``sample-ranges.npy`` beside the manifest, 16 bytes a sample, 20 MB for ImageNet, memory-mapped:
@@ -76,17 +81,41 @@ class TrainSamples:
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's permutation of sample numbers, the same on every rank (~20 ms for ImageNet)."""
+    """Pass ``epoch``'s permutation of sample numbers, the same on every rank (~20 ms for ImageNet).
+    (A pass is what the stream's ``epoch``-th run of N samples is; named for the days the two were one.)"""
     order = np.random.default_rng([seed, epoch, samples]).permutation(samples)
     order.flags.writeable = False
     return order
 
 
-def batch_samples(spec: "TrainStreamSpec", batch: int) -> np.ndarray:
-    """Sample numbers of this rank's batch ``batch``: the rank's slice of the epoch's global batch."""
+def global_step(spec: "TrainStreamSpec", batch: int) -> int:
+    """The global step of the epoch's batch ``batch``: epochs are ``epoch_steps`` steps long
+    (``steps`` may be fewer, in a fractional last epoch)."""
+    return spec.epoch * (spec.epoch_steps or spec.steps) + batch
+
+
+def stream_slice(samples: int, seed: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(passes, sample numbers) of the stream's positions [start, start + count)."""
+    positions = np.arange(start, start + count, dtype=np.int64)
+    passes, offsets = np.divmod(positions, samples)
+    numbers = np.empty(count, dtype=np.int64)
+    for p in np.unique(passes):
+        mine = passes == p
+        numbers[mine] = epoch_order(samples, seed, int(p))[offsets[mine]]
+    return passes, numbers
+
+
+def batch_stream(spec: "TrainStreamSpec", batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(passes, sample numbers) of this rank's batch ``batch`` of the epoch: the rank's slice of the
+    step's global batch."""
     global_batch = spec.world_size * spec.batch_size
-    start = batch * global_batch + spec.rank * spec.batch_size
-    return epoch_order(len(spec.samples), spec.seed, spec.epoch)[start:start + spec.batch_size]
+    start = global_step(spec, batch) * global_batch + spec.rank * spec.batch_size
+    return stream_slice(len(spec.samples), spec.seed, start, spec.batch_size)
+
+
+def batch_samples(spec: "TrainStreamSpec", batch: int) -> np.ndarray:
+    """Sample numbers of this rank's batch ``batch`` of the epoch."""
+    return batch_stream(spec, batch)[1]
 
 
 def worker_batches(spec: "TrainStreamSpec", worker: int, workers: int) -> range:

@@ -1,15 +1,15 @@
 """Train and val loaders from the shards to uint8 batches.
 
-Train: real epochs, planned by :mod:`.epochs` (every sample once per epoch but a < B tail, in a
-fresh seeded order; equal batches on every rank; every batch a pure function of (seed, epoch,
-world, rank, batch index), whatever the number of loader workers). Batch ``b`` of those still to
+Train: one stream of seeded passes over all samples, planned by :mod:`.epochs` (every sample once
+per pass; equal batches on every rank; every batch a pure function of (seed, global step, world,
+rank), whatever the number of loader workers). Batch ``b`` of those still to
 come is made by worker ``(b - start_batch) mod W``, the order DataLoader collects them in; a
 resume at batch ``k`` starts there, reading nothing before it. A sample is one ``pread`` of its
 byte range (from the manifest step's ``sample-ranges.npy``), parsed by the tar reader of
 :mod:`.tarfiles`, which reads only ``jpg`` and ``cls`` (nothing from a shard is unpickled).
 Within a batch the samples are read in (shard, offset) order and put back in batch order; each
 worker keeps its most recently used shards open. Each sample is augmented with a generator seeded
-by (seed, epoch, sample).
+by (seed, pass, sample).
 
 Val: shards are dealt round-robin to ranks, then to workers, so every sample is read exactly once
 across all ranks; ranks with fewer batches get batches of masked padding, because evaluation
@@ -42,7 +42,7 @@ import webdataset as wds
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset, get_worker_info
 
 from .batch import Batch, JpegCrops
-from .epochs import TrainSamples, batch_samples, worker_batches
+from .epochs import TrainSamples, batch_stream, worker_batches
 from .tarfiles import ShardError, shard_samples, tar_samples
 from .transforms import Augmentation, center_crop_box, decode_crop
 
@@ -86,13 +86,11 @@ class TrainStreamSpec:
     start_batch: int = 0  # resume: batches of this epoch already trained
     decode_on_device: bool = False
     center_crop_resize: int | None = None  # set: the val transform (resize, centre crop, no flip) instead
+    epoch_steps: int = 0  # steps of a whole epoch (0: steps); epoch e starts at global step e × epoch_steps
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
-        if self.steps * self.world_size * self.batch_size > len(self.samples):
-            raise ValueError(f"{self.steps} steps of {self.world_size} × {self.batch_size} samples exceed the "
-                             f"{len(self.samples)} train samples")
 
 
 # --------------------------------------------------------------------------- train reading
@@ -140,9 +138,9 @@ class ShardReader:
             os.close(self._files.popitem()[1])
 
 
-def _augment(spec: TrainStreamSpec, sample: dict):
-    """One sample's crop and flip, from a generator seeded by (seed, epoch, sample)."""
-    rng = np.random.default_rng([spec.seed, spec.epoch, sample["__sample__"]])
+def _augment(spec: TrainStreamSpec, sample: dict, stream_pass: int):
+    """One sample's crop and flip, from a generator seeded by (seed, pass, sample) (data/epochs.py)."""
+    rng = np.random.default_rng([spec.seed, stream_pass, sample["__sample__"]])
 
     def prepare(jpeg: bytes, label: int):
         height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
@@ -180,7 +178,8 @@ def make_batches(spec: TrainStreamSpec, batches: Iterable[int]) -> Iterator[Batc
     reader = ShardReader(spec.samples)
     try:
         for batch in batches:
-            yield collate([_augment(spec, sample) for sample in reader.read(batch_samples(spec, batch))])
+            passes, numbers = batch_stream(spec, batch)
+            yield collate([_augment(spec, sample, int(p)) for sample, p in zip(reader.read(numbers), passes)])
     finally:
         reader.close()
 

@@ -13,15 +13,18 @@ What it says, in order (keys of the training 4.0.0 compliance checker's rule fil
   ``stop_at_target`` training ends there), or ``aborted`` when the run ends without reaching it or
   fails. Nothing is logged after ``run_stop``.
 
-``epoch_num`` and ``first_epoch_num`` count flashnet epochs, whole numbers from 1 (``epoch_num`` of a
+``epoch_num`` and ``first_epoch_num`` count the run's epochs, whole numbers from 1 (``epoch_num`` of a
 validation is the number of epochs trained before it), as NVIDIA's logs do and as the eval cadence
-("every 4 epochs") is stated. A flashnet epoch is floor(N / B) full global batches, up to one batch
-short of MLPerf's epoch over all N images, so a logged ``epoch_num`` is never fewer epochs than the
-images seen: MLCommons' RCP checker, which reads it as epochs to converge, errs against the run, not
-for it. The exact figure, samples seen / N, goes into summary.json and the report's RCP comparison.
+("every 4 epochs") is stated, an epoch counted as the run's ``epoch_steps`` says (a preset's as its
+source's code counted it, train/schedule.py): under ``floor`` up to one batch short of a pass over
+all N images, so a logged ``epoch_num`` is never fewer epochs than the images seen and MLCommons'
+RCP checker, which reads it as epochs to converge, errs against the run; under ``ceil_per_rank`` at
+least a pass, as NVIDIA's logs the RCPs came from. The exact figure, samples seen / N, goes into
+summary.json and the report's RCP comparison. A closed run's last epoch is one that validates
+(mlperf/rules.py), so no evaluation is logged off the cadence.
 
-``cache_clear`` is logged as false: flashnet does not drop the operating system's page cache (that
-needs root). A job resumed from a checkpoint after a requeue appends ``flashnet_resumed`` (a key the
+The lines are made by ``mlperf_logging.mllog`` (:mod:`.mllog`). ``cache_clear`` is logged as false:
+NVIDIA's ``run.sub`` drops the page cache as root and logs true; flashnet's job does not drop it. A job resumed from a checkpoint after a requeue appends ``flashnet_resumed`` (a key the
 checker ignores) instead of a second ``init_start``/``run_start``; its time to train then spans job
 segments and the time queued between them, and the summary marks it not valid. Only rank 0 writes.
 """

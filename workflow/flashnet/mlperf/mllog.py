@@ -1,39 +1,63 @@
-"""MLCommons' mllog line format, written by hand (mlcommons/logging, ``mlperf_logging/mllog``):
+"""MLCommons' mllog lines, made by MLCommons' own logger (``mlperf_logging.mllog``, the
+``mlperf-logging`` package submitters log with):
 
     :::MLLOG {"namespace": "", "time_ms": 1712345678901, "event_type": "POINT_IN_TIME",
               "key": "eval_accuracy", "value": 0.7601, "metadata": {"file": "...", "lineno": 123, ...}}
 
-one JSON object per line behind the ``:::MLLOG `` prefix; ``event_type`` is INTERVAL_START,
-INTERVAL_END or POINT_IN_TIME. MLCommons' parser reads ``time_ms``, ``key``, ``value`` and
-``metadata``; the compliance checker then checks the keys against its rule files.
+The library encodes each line and adds its caller's file and line; flashnet only decides where the
+line goes (mlperf/log.py: rank 0's mllog.txt, buffered until the rank is known), so a new ruleset's
+format is a version bump of the package, not a port.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
-PREFIX = ":::MLLOG "
-POINT_IN_TIME, INTERVAL_START, INTERVAL_END = "POINT_IN_TIME", "INTERVAL_START", "INTERVAL_END"
+from mlperf_logging.mllog import constants
+from mlperf_logging.mllog.mllog import MLLogger
+
+POINT_IN_TIME, INTERVAL_START, INTERVAL_END = constants.POINT_IN_TIME, constants.INTERVAL_START, constants.INTERVAL_END
+
+
+class _LastLine(logging.Handler):
+    """Keeps the line MLLogger just logged, for the caller to route."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.text: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(":::MLLOG "):  # not the library's own warnings ("Failed to encode", ...)
+            self.text = message
+
+
+def _make_logger() -> tuple[MLLogger, _LastLine]:
+    handler = _LastLine()
+    logger = logging.getLogger("flashnet.mlperf.mllog")
+    logger.propagate = False  # the lines go to mllog.txt only, never to the job's log twice
+    logger.setLevel(logging.INFO)
+    logger.handlers[:] = [handler]
+    return MLLogger(logger=logger, default_namespace=""), handler
+
+
+_MLLOGGER, _LAST = _make_logger()
+_EMITTERS = {POINT_IN_TIME: _MLLOGGER.event, INTERVAL_START: _MLLOGGER.start, INTERVAL_END: _MLLOGGER.end}
 
 
 def line(key: str, value: Any = None, metadata: dict[str, Any] | None = None, event_type: str = POINT_IN_TIME,
          time_ms: int | None = None, caller_depth: int = 1) -> str:
-    """One log line; ``metadata`` gets the caller's file and line, as mllog adds them."""
-    frame = sys._getframe(caller_depth)
-    record = {
-        "namespace": "",
-        "time_ms": int(time.time() * 1000) if time_ms is None else time_ms,
-        "event_type": event_type,
-        "key": key,
-        "value": value,
-        "metadata": {"file": Path(frame.f_code.co_filename).name, "lineno": frame.f_lineno, **(metadata or {})},
-    }
-    return PREFIX + json.dumps(record)
+    """One log line from ``mlperf_logging.mllog``; its metadata names the caller ``caller_depth``
+    frames up (1: the caller of this function) as the file and line that logged it."""
+    # MLLogger finds the call site 2 + stack_offset frames above its get_caller: its _log_helper, its
+    # event/start/end, this function, then our callers.
+    _LAST.text = None
+    _EMITTERS[event_type](key=key, value=value, metadata=metadata, time_ms=time_ms, stack_offset=caller_depth + 1)
+    if _LAST.text is None:
+        raise ValueError(f"mlperf_logging could not encode {key}={value!r}")
+    return _LAST.text
 
 
 def hyperparameters(run, steps_per_epoch: int) -> list[tuple[str, Any]]:

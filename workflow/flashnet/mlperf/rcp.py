@@ -1,92 +1,96 @@
-"""MLPerf's reference convergence points (RCPs) for ResNet-50, and the mean epochs to converge a run
-is held against, worked out as MLCommons' RCP checker does.
+"""MLPerf's reference convergence points (RCPs) for ResNet-50, as MLCommons' own RCP checker holds a
+run against them (``mlperf_logging.rcp_checker``, the ``mlperf-logging`` package; training 4.0.0's
+``rcps_resnet.json``). Nothing here re-derives the checker: its record for a batch size (a row of its
+pruned pass, the interpolation between the nearest rows, or the smallest row) and its test are used
+as they are, so a new ruleset is a version bump of the package.
 
-Source: mlcommons/logging, ``mlperf_logging/rcp_checker/training_4.0.0/rcps_resnet.json`` (the
-"Epochs to converge" of each reference row) and ``mlperf_logging/rcp_checker/rcp_checker.py`` (how
-they are used):
+What the checker tests (``check_directory``, ``_eval_submission_record``): the olympic mean (one
+lowest and one highest dropped) of a submission's epochs to converge — 5 runs for ResNet — must be
+at least the record's ``RCP Mean / Max Speedup`` (its "Min Epochs": the smallest mean a one-sided
+t-test at α = 0.05 cannot tell from the reference's); a batch size above every row has no RCP
+("Missing RCP"), and one below every row passes against the smallest row only if it converges no
+faster than that row allows (else "Missing RCP" too).
 
-- a row's mean is "olympic": sorted, one lowest and one highest dropped, the rest averaged;
-- the rows are pruned: every row below the batch size of the fastest-converging row goes, then, left
-  to right, a row converging more slowly than the interpolation of its neighbours goes (and the row
-  that moves into its place is checked next);
-- a batch size with a pruned row uses it; one between rows interpolates linearly between the nearest
-  lower and higher rows; one below every row is compared with the smallest; one above every row has
-  no RCP ("Missing RCP").
-
-The epochs are ImageNet-1k epochs (samples seen / 1,281,167): the comparison means something only
-for a run on ImageNet-1k.
+The epochs are ImageNet-1k epochs as the log's ``epoch_num`` counts them: the comparison means
+something only for a run on ImageNet-1k.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
+from mlperf_logging.rcp_checker import rcp_checker
 
-RCP_SOURCE = "mlcommons/logging, mlperf_logging/rcp_checker/training_4.0.0/rcps_resnet.json"
+RULESET = "4.0.0"
+RCP_SOURCE = f"mlcommons/logging, mlperf_logging/rcp_checker/training_{RULESET}/rcps_resnet.json"
+RUNS_PER_SUBMISSION = rcp_checker.submission_runs["training"]["resnet"]  # 5
 
-# global batch size → "Epochs to converge" of the reference runs
-RCP_RESNET_EPOCHS = {
-    1632: (34, 34, 34, 35, 35, 37, 35, 35, 33, 35, 35, 37, 37, 35, 35, 34, 35),
-    3264: (36, 35, 34, 34, 36, 35, 35, 35, 35, 37, 35, 35, 35, 36, 35),
-    4096: (39, 42, 40, 41, 39, 40, 41, 39, 40, 39),
-    8192: (42, 44, 43, 41, 41, 41, 42, 42, 43, 41),
-    13056: (46, 46, 44, 46, 45, 46, 45, 45, 45, 46),
-    32768: (56, 56, 55, 56, 56, 56, 56, 56, 57, 56),
-    49152: (68, 68, 68, 68, 69, 68, 68, 67, 69, 67),
-    58880: (80, 81, 80, 78, 80, 80, 81, 79, 80, 80),
-    65536: (83, 85, 84, 86, 85, 85, 83, 84, 85, 85),
-    67840: (86, 87, 86, 87, 86, 85, 86, 86, 86, 85, 86, 86, 86, 86, 86, 85, 86, 86, 87, 85, 85, 86, 85, 87, 86, 85,
-            85, 86),
-}
+
+@functools.lru_cache(maxsize=1)
+def checker() -> rcp_checker.RCP_Checker:
+    return rcp_checker.RCP_Checker("training", RULESET, "resnet", verbose=False)
+
+
+def _rcp_epochs() -> dict[int, tuple[float, ...]]:
+    return {record["BS"]: tuple(record["Epochs to converge"]) for record in checker().rcp_data.values()}
+
+
+# global batch size → "Epochs to converge" of the reference runs (the checker's table, sorted)
+RCP_RESNET_EPOCHS = _rcp_epochs()
 
 
 @dataclasses.dataclass(frozen=True)
 class RcpMean:
-    """The mean epochs to converge for one batch size (None when there is no RCP) and how it was found."""
+    """The checker's record for one batch size: its mean epochs to converge and the least olympic
+    mean of a submission's runs it accepts (None when there is no RCP), and how it was found."""
 
     batch_size: int
     mean: float | None
+    min_epochs: float | None
     how: str  # "row 3,264", "interpolated between rows 13,056 and 32,768", ...
+    record: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
-def olympic_mean(epochs: tuple[float, ...] | list[float]) -> float:
-    """Mean without the lowest and the highest value."""
-    ordered = sorted(epochs)
-    return float(np.mean(ordered[1:-1]))
+def rcp_mean(batch_size: int) -> RcpMean:
+    """The record the checker holds a submission at ``batch_size`` against (its default pruned pass)."""
+    check, rcp_pass = checker(), "pruned_rcps"
+    record = check._find_rcp(batch_size, rcp_pass)
+    if record is not None:
+        return RcpMean(batch_size, float(record["RCP Mean"]), float(record["Min Epochs"]), f"row {batch_size:,}",
+                       record)
+    low, high = check._find_top_min_rcp(batch_size, rcp_pass), check._find_bottom_max_rcp(batch_size, rcp_pass)
+    if low is not None and high is not None:
+        _, record = check._create_interp_rcp(batch_size, low, high)
+        return RcpMean(batch_size, float(record["RCP Mean"]), float(record["Min Epochs"]),
+                       f"interpolated between rows {low['BS']:,} and {high['BS']:,}", record)
+    if high is not None:
+        record = check._find_min_rcp(rcp_pass)
+        return RcpMean(batch_size, float(record["RCP Mean"]), float(record["Min Epochs"]),
+                       f"below the smallest row: row {record['BS']:,}", record)
+    return RcpMean(batch_size, None, None, f"missing: above the largest row ({low['BS']:,})")
 
 
-def _interpolate(batch_size: int, low: tuple[int, float], high: tuple[int, float]) -> float:
-    return float(np.interp(batch_size, [low[0], high[0]], [low[1], high[1]]))
+@dataclasses.dataclass(frozen=True)
+class RcpVerdict:
+    passed: bool | None  # None: fewer runs than a submission has, not judged
+    message: str
+    olympic_mean: float | None
 
 
-def pruned_rows(table: dict[int, tuple[float, ...]] = RCP_RESNET_EPOCHS) -> list[tuple[int, float]]:
-    """(batch size, olympic mean) of the rows the checker keeps, by batch size."""
-    rows = sorted((batch, olympic_mean(epochs)) for batch, epochs in table.items())
-    fastest = min(rows, key=lambda row: row[1])
-    rows = [row for row in rows if row[0] >= fastest[0]]
-    i = 1
-    while i < len(rows) - 1:
-        if rows[i][1] > _interpolate(rows[i][0], rows[i - 1], rows[i + 1]):
-            del rows[i]  # the next row moves to index i and is checked against its new neighbours
-        else:
-            i += 1
-    return rows
-
-
-def rcp_mean(batch_size: int, table: dict[int, tuple[float, ...]] = RCP_RESNET_EPOCHS) -> RcpMean:
-    """The RCP mean epochs to converge that a run at ``batch_size`` is held against."""
-    rows = pruned_rows(table)
-    for batch, mean in rows:
-        if batch == batch_size:
-            return RcpMean(batch_size, mean, f"row {batch:,}")
-    lower = [row for row in rows if row[0] < batch_size]
-    higher = [row for row in rows if row[0] > batch_size]
-    if lower and higher:
-        low, high = lower[-1], higher[0]
-        return RcpMean(batch_size, _interpolate(batch_size, low, high),
-                       f"interpolated between rows {low[0]:,} and {high[0]:,}")
-    if higher:
-        smallest = higher[0]
-        return RcpMean(batch_size, smallest[1], f"below the smallest row: row {smallest[0]:,}")
-    return RcpMean(batch_size, None, f"missing: above the largest row ({rows[-1][0]:,})")
+def hold_runs(batch_size: int, epochs_to_converge: list[float]) -> RcpVerdict:
+    """The checker's test of a submission's runs at ``batch_size`` (their epoch_num at run_stop
+    success): passes when their olympic mean is at least the record's Min Epochs."""
+    if len(epochs_to_converge) < RUNS_PER_SUBMISSION:
+        return RcpVerdict(None, f"{len(epochs_to_converge)} run(s): a submission has {RUNS_PER_SUBMISSION}", None)
+    rcp = rcp_mean(batch_size)
+    ordered = sorted(epochs_to_converge)
+    mean = float(np.mean(ordered[1:-1]))
+    if rcp.record is None:
+        return RcpVerdict(False, f"Missing RCP, please submit RCP with BS = {batch_size}", mean)
+    passed, _ = checker()._eval_submission_record(rcp.record, list(epochs_to_converge), "")
+    if rcp.how.startswith("below") and not passed:
+        return RcpVerdict(False, f"Missing RCP, please submit RCP with BS = {batch_size}", mean)
+    return RcpVerdict(bool(passed), f"{'passes' if passed else 'fails'} against {rcp.how} "
+                                    f"(olympic mean {mean:.2f} vs the least accepted {rcp.min_epochs:.2f})", mean)

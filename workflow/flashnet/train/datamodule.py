@@ -50,6 +50,7 @@ class ShardData(pl.LightningDataModule):
             augmentation=Augmentation.from_run(run),
             center_crop_resize=None if run.augments(trainer.current_epoch) else run.eval_resize,
             start_batch=done,
+            epoch_steps=self.steps_per_epoch,
             **self._placement(),
         )
         return train_loader(spec, run.loader_workers, pin_memory=self._pin_memory)

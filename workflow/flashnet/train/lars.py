@@ -109,11 +109,14 @@ def _update_coefficients(
     norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
     weight_norms = torch.stack(torch._foreach_norm(params, 2, dtype=norm_dtype))
     grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype))
+    # Fujitsu's MLPerf v0.6 kernel divides by an unscheduled wd of its own (trust_weight_decay);
+    # None: the group's weight decay, as You et al. and MLPerf's reference.
+    trust_wd = group.get("trust_weight_decay")
     ratios = trust_ratio(
         weight_norms,
         grad_norms,
         eta=group["eta"],
-        weight_decay=weight_decay,
+        weight_decay=weight_decay if trust_wd is None else trust_wd,
         eps=group["eps"],
         lr=group["lr"],
         trust_clip=group["trust_clip"],
@@ -226,6 +229,7 @@ class LARS(torch.optim.Optimizer):
         nesterov: bool = False,
         trust_clip: bool = False,
         lars: bool = True,
+        trust_weight_decay: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -236,6 +240,7 @@ class LARS(torch.optim.Optimizer):
             nesterov=nesterov,
             trust_clip=trust_clip,
             lars=lars,
+            trust_weight_decay=trust_weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -293,7 +298,7 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
 
 
 def lars_param_groups(
-    model: nn.Module, weight_decay: float, exclude_bn_and_bias: bool = True
+    model: nn.Module, weight_decay: float, exclude_bn_and_bias: bool = True, decayed: Iterable[Tensor] = ()
 ) -> list[dict[str, Any]]:
     """Param groups for `LARS`, excluding BatchNorm parameters and biases as MLPerf does.
 
@@ -305,6 +310,8 @@ def lars_param_groups(
         [{"params": ndim >= 2, "weight_decay": weight_decay, "lars": True},
          {"params": ndim <= 1, "weight_decay": 0.0,          "lars": False}]
 
+    ``decayed`` biases (NVIDIA's MLPerf runs: the classifier's bias, ``set_wd_mult`` in its
+    fit.py) get weight decay without the trust ratio, in a third group.
     With `exclude_bn_and_bias=False`, one LARS group holds everything. Every parameter
     appears exactly once (frozen ones too: without a gradient LARS skips them); empty
     groups are left out.
@@ -312,10 +319,13 @@ def lars_param_groups(
     params = list(model.parameters())
     if not exclude_bn_and_bias:
         return [{"params": params, "weight_decay": weight_decay, "lars": True}]
+    decayed_ids = {id(p) for p in decayed}
     adapted = [p for p in params if p.ndim > 1]
-    excluded = [p for p in params if p.ndim <= 1]
+    excluded = [p for p in params if p.ndim <= 1 and id(p) not in decayed_ids]
     groups = [
         {"params": adapted, "weight_decay": weight_decay, "lars": True},
         {"params": excluded, "weight_decay": 0.0, "lars": False},
+        {"params": [p for p in params if p.ndim <= 1 and id(p) in decayed_ids], "weight_decay": weight_decay,
+         "lars": False},
     ]
     return [g for g in groups if g["params"]]

@@ -28,7 +28,7 @@ from ..watch import ProgressLines, open_progress_fd
 from . import checkpoints
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, train
-from .schedule import steps_per_epoch
+from .schedule import run_steps_per_epoch
 from .trackers import TRACKER_KEYS, require_packages
 from .trainer import resolve_accelerator
 
@@ -73,7 +73,7 @@ def check_before_submitting(run: RunConfig, launcher: LauncherConfig, train_mani
     train_m, val_m = verify_manifest(train_manifest, full=True), verify_manifest(val_manifest, full=True)
     if train_m["wnids"] != val_m["wnids"]:
         raise ConfigError(f"{train_manifest} and {val_manifest} list different classes")
-    steps_per_epoch(train_m["samples"], run.batch_size)
+    run_steps_per_epoch(run, train_m["samples"])
 
 
 def set_aside_stale_checkpoint(spec: TrainSpec, fresh: bool = False) -> None:
@@ -106,7 +106,8 @@ def train_from_cli(args: argparse.Namespace) -> None:
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher, mlperf=MlperfConfig.from_dict(args.mlperf).to_dict())
     progress = ProgressLines(f"train {args.name}", open_progress_fd(args.progress_fd), args.out_dir, run.epochs,
-                             run.batch_size, verify_manifest(args.train_manifest)["samples"])
+                             run.batch_size, verify_manifest(args.train_manifest)["samples"],
+                             epoch_steps=run.epoch_steps, ranks=run.world_size)
     summary = run_job(TrainJob(spec, args.fresh), launcher, Path(spec.out_dir) / "jobs", progress, args.log_file)
     top1 = summary["final_top1"]
     reached = summary["time_to_target_s"]

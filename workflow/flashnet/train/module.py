@@ -51,11 +51,19 @@ def synchronise_batchnorm(model: nn.Module, group_size: int) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=own)
 
 
+def classifier_bias(model: nn.Module) -> list[torch.Tensor]:
+    """The last Linear layer's bias (ResNet's fc), as a list: empty without one."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    return [linears[-1].bias] if linears else []
+
+
 def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = lars_param_groups(model, run.weight_decay, exclude_bn_and_bias=run.lars_exclude_bn_bias)
+    groups = lars_param_groups(model, run.weight_decay, exclude_bn_and_bias=run.lars_exclude_bn_bias,
+                               decayed=classifier_bias(model) if run.fc_bias_weight_decay else ())
     if run.optimizer == "lars":
         return LARS(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, eta=run.lars_eta,
-                    eps=run.lars_epsilon, trust_clip=run.lars_trust_clip)
+                    eps=run.lars_epsilon, trust_clip=run.lars_trust_clip,
+                    trust_weight_decay=run.lars_trust_weight_decay)
     for group in groups:
         group.pop("lars", None)
     return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, foreach=True)

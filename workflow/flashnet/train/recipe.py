@@ -32,7 +32,7 @@ from .clock import TrainClock
 from .datamodule import ShardData
 from .modelfile import save_model
 from .module import ImageNetClassifier
-from .schedule import schedule_for_run, steps_per_epoch, total_steps
+from .schedule import run_steps_per_epoch, schedule_for_run, total_steps
 from .trackers import ForwardRecords, build_loggers
 from .trainer import allreduce_dtype, build_trainer, device_name, resolve_accelerator
 
@@ -90,7 +90,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     # data: the manifests are the contract with the data stage
     train_manifest = verify_manifest(spec.train_manifest)
     val_manifest = verify_manifest(spec.val_manifest)
-    spe = steps_per_epoch(train_manifest["samples"], run.batch_size)
+    spe = run_steps_per_epoch(run, train_manifest["samples"])
     mlperf_log.describe_data(train_manifest["samples"], val_manifest["samples"], spe)
     total = total_steps(run.epochs, spe)
     train_samples = TrainSamples.from_manifest(spec.train_manifest, train_manifest)

@@ -5,7 +5,11 @@ epoch, total steps, and the warmup and polynomial decay stepped every iteration 
 Weight decay needs no schedule of its own: LARS and SGD here apply lr(step)·λ·w, so the decay term
 warms up and decays with the learning rate. That is what Fujitsu's MLPerf v0.6 run had to schedule
 by hand (``wd_warmup``, ``wd_decay_mode power``), because MXNet's LARS kernel there does not
-multiply weight decay by the scheduled learning rate.
+multiply weight decay by the scheduled learning rate. Its trust ratio, though, divides by the
+unscheduled wd = 5e-5 × 13 = 6.5e-4 (``fit.py``: ``'wd': args.wd * args.lr``; ``mxnet_op.h``), so
+τ ≤ η / wd = 3.85: its preset sets ``lars_trust_weight_decay`` to that (train/lars.py). Its counts,
+as its ``fit.py`` makes them and this module reproduces them (``epoch_steps: ceil_per_rank``): 15
+steps an epoch, warmup 540 steps, the 0.0325 floor at step 1,320, 90 epochs = 1,350 steps.
 """
 
 from __future__ import annotations
@@ -16,21 +20,41 @@ import math
 from ..config import ConfigError
 
 
-def steps_per_epoch(train_samples: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch: floor(N / B) full global batches, the one definition.
+EPOCH_STEP_RULES = ("floor", "ceil_per_rank")
 
-    An epoch is a fresh seeded permutation of all N train samples (data/epochs.py); its first
-    floor(N / B) × B samples make the steps, each sample once, and its tail of N mod B < B samples
-    is dropped (a different tail each epoch), so every rank runs the same number of equal batches
-    (DDP hangs otherwise). MLPerf's ``train_samples`` is N, the dataset size; the RCP tables'
-    ``opt_learning_rate_decay_steps`` are absolute optimizer steps and are used as they are. A
-    flashnet epoch is thus (N mod B) / N short of an MLPerf epoch (a pass over all N): at most
-    2.8 % at batch 65,536 on ImageNet (6 % at 86,016). Where a run is held against MLPerf's or a
-    paper's epoch counts, epochs are counted as samples seen / N = steps × B / N."""
-    steps = train_samples // batch_size
-    if steps == 0:
+
+def steps_per_epoch(train_samples: int, batch_size: int, rule: str = "floor", ranks: int = 1) -> int:
+    """Optimizer steps in one epoch, counted as the recipe's source counts them: the one definition.
+
+    - ``floor``: floor(N / B) (flashnet's default; the MLPerf TF2 reference, ``common.py``
+      ``get_num_train_iterations`` with its default ``drop_train_remainder``);
+    - ``ceil_per_rank``: ceil(floor(N / W) / b) with W ranks of b = B / W (NVIDIA's MXNet
+      ``fit.py`` ``get_epoch_size`` in mlcommons/training_results_v4.0, and Fujitsu's in v0.6):
+      each rank reads its 1/W of the data set rounded up to whole batches, so an epoch holds at
+      least N samples (DALI fills the last batch from the next epoch's).
+
+    Either way the samples are one stream, a concatenation of seeded permutations of all N train
+    samples (passes), and global step t trains on the stream's samples [tB, (t + 1)B)
+    (data/epochs.py): every sample once per pass, none dropped, a step may straddle two passes. An
+    epoch is this many steps of it, so warmup, validation epochs and a run's length come out in
+    the source's own step counts; MLPerf's ``train_samples`` is N and an epoch covers
+    steps × B / N passes (0.97-1.00 under floor, 1.00-1.06 under ceil_per_rank at ImageNet's
+    scale). Where a run is held against MLPerf's epochs to converge, epochs are counted as samples
+    seen / N = steps × B / N."""
+    if rule not in EPOCH_STEP_RULES:
+        raise ConfigError(f"epoch_steps: {rule!r} is not one of {', '.join(EPOCH_STEP_RULES)}")
+    if batch_size > train_samples:
         raise ConfigError(f"batch_size {batch_size} exceeds the {train_samples} train samples")
-    return steps
+    if rule == "floor":
+        return train_samples // batch_size
+    if batch_size % ranks:
+        raise ConfigError(f"batch_size {batch_size} is not a multiple of the {ranks} ranks")
+    return math.ceil((train_samples // ranks) / (batch_size // ranks))
+
+
+def run_steps_per_epoch(run, train_samples: int) -> int:
+    """:func:`steps_per_epoch` of a run: its ``epoch_steps`` rule over its ranks."""
+    return steps_per_epoch(train_samples, run.batch_size, run.epoch_steps, run.world_size)
 
 
 def total_steps(epochs: float, steps_per_epoch: int) -> int:
