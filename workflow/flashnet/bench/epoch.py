@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare_data(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """Shards of generated images for 15 steps an epoch (and a few samples over), and their manifests."""
+    """Shards of generated images for exactly 15 steps an epoch, and their manifests."""
     from flashnet.data import sample, shards, sources
     from flashnet.data.manifest import build_manifest
 
@@ -97,9 +97,9 @@ def prepare_data(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     manifests = root / "shards" / "train" / "manifest.json", root / "shards" / "val" / "manifest.json"
     if all(path.exists() for path in manifests):
         return manifests
-    classes = 10
-    train_images = STEPS_PER_EPOCH * WORLD * args.per_device_batch + classes
-    spec = sample.SampleSpec(classes=classes, train_per_class=math.ceil(train_images / classes),
+    classes = 5  # divides 15 x the global batch: exactly 15 steps an epoch
+    train_images = STEPS_PER_EPOCH * WORLD * args.per_device_batch
+    spec = sample.SampleSpec(classes=classes, train_per_class=train_images // classes,
                              val_per_class=math.ceil(args.val_images / classes), min_side=24, max_side=40,
                              odd_files=False, seed=0)
     sample.write_sample_data(root / "images", spec)
@@ -163,14 +163,19 @@ def epoch_figures(out: Path, epochs: int) -> dict[str, Any]:
     durations = [steps[s] - steps[s - 1] for s in sorted(steps) if s - 1 in steps]
     boundaries = {k * STEPS_PER_EPOCH for k in range(1, epochs)}
     median_step = statistics.median(d for s, d in zip(sorted(steps)[1:], durations) if s - 1 not in boundaries)
+    if len(steps) < epochs * STEPS_PER_EPOCH:
+        raise RuntimeError(f"{out}: steps.csv has {len(steps)} steps, {epochs} epochs of {STEPS_PER_EPOCH} expected")
     outside = [steps[b + 1] - steps[b] - median_step - validations.get(b // STEPS_PER_EPOCH, 0.0)
                for b in sorted(boundaries)]
+    plain = [d for s, d in zip(sorted(steps)[1:], durations) if s - 1 not in boundaries]
     clock = {key: summary.get(key) for key in ("train_seconds", "step_seconds", "validation_seconds", "validations",
                                                 "checkpoint_seconds", "checkpoints", "startup_seconds")}
     return {
         "median_step_ms": round(1000 * median_step, 1),
         "outside_ms_per_epoch": [round(1000 * value, 1) for value in outside],
         "outside_ms_per_epoch_mean": round(1000 * statistics.mean(outside), 1),
+        # the noise floor: how far ordinary steps stray from the median (one such step is in each gap)
+        "step_spread_ms": round(1000 * statistics.pstdev(plain), 1),
         "validation_s": [round(validations[e], 3) for e in sorted(validations)],
         "clock": clock,
         "mlperf_time_to_train_s": (summary.get("mlperf") or {}).get("time_to_train_s"),
@@ -286,7 +291,7 @@ def print_table(results: dict[str, Any]) -> None:
         run = result.get("run")
         if run:
             clock = run["clock"]
-            print(f"  median step {run['median_step_ms']} ms; outside the steps and validation per epoch: mean "
+            print(f"  median step {run['median_step_ms']} ms (spread {run['step_spread_ms']} ms); outside the steps and validation per epoch: mean "
                   f"{run['outside_ms_per_epoch_mean']} ms, each boundary {run['outside_ms_per_epoch']} ms")
             print(f"  validations {run['validation_s']} s; checkpoints {clock['checkpoints']} "
                   f"({clock['checkpoint_seconds']} s); start-up {clock['startup_seconds']} s; "
