@@ -152,7 +152,8 @@ def read_csv_rows(path: Path) -> list[dict[str, float]]:
     import csv
 
     with path.open() as f:
-        return [{key: float(value) for key, value in row.items() if value not in ("", None)} for row in csv.DictReader(f)]
+        return [{key: float(value) for key, value in row.items() if value not in ("", None)}
+                for row in csv.DictReader(f)]
 
 
 def epoch_figures(out: Path, epochs: int) -> dict[str, Any]:
@@ -291,8 +292,9 @@ def print_table(results: dict[str, Any]) -> None:
         run = result.get("run")
         if run:
             clock = run["clock"]
-            print(f"  median step {run['median_step_ms']} ms (spread {run['step_spread_ms']} ms); outside the steps and validation per epoch: mean "
-                  f"{run['outside_ms_per_epoch_mean']} ms, each boundary {run['outside_ms_per_epoch']} ms")
+            print(f"  median step {run['median_step_ms']} ms (spread {run['step_spread_ms']} ms); outside the steps "
+                  f"and validation per epoch: mean {run['outside_ms_per_epoch_mean']} ms, "
+                  f"each boundary {run['outside_ms_per_epoch']} ms")
             print(f"  validations {run['validation_s']} s; checkpoints {clock['checkpoints']} "
                   f"({clock['checkpoint_seconds']} s); start-up {clock['startup_seconds']} s; "
                   f"MLPerf time to train {run['mlperf_time_to_train_s']}")

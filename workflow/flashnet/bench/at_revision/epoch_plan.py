@@ -84,7 +84,8 @@ def startup_operations(manifests: list[str], checkpoint: str) -> dict:
         chosen = checkpoints.choose_resume(Path(checkpoint), say=None)
     source = Path(recipe.__file__).read_text()
     every_rank = "verify_manifest(" in source or "choose_resume(" in source
-    return {"verify_manifest": dict(verify), "shards": shards, "choose_resume": dict(resume), "read_manifests": dict(read),
+    return {"verify_manifest": dict(verify), "shards": shards, "choose_resume": dict(resume),
+            "read_manifests": dict(read),
             "resume_found": chosen is not None, "done_by": "every rank" if every_rank else "rank 0"}
 
 
