@@ -3,13 +3,16 @@ run_start, and that it leaves training bit for bit as without it."""
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 
 from flashnet.train.callbacks import StopRequest
@@ -96,3 +99,32 @@ def test_warmup_leaves_training_bit_identical(tiny_dataset, tmp_path):
     untimed = lambda lines: [line.split(",")[:2] + line.split(",")[3:5] for line in lines]  # noqa: E731
     assert untimed(warm_steps) == untimed(cold_steps)  # step, epoch, lr and train loss of every step
     assert warm_top1 == cold_top1
+
+
+def _train_rank(rank: int, port: int, spec: TrainSpec) -> None:
+    """One of two gloo DDP ranks, with the environment a local job exports (jobs/task.py)."""
+    from lightning_fabric.plugins.environments import LightningEnvironment
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", NODE_RANK="0")
+    train(spec, LightningEnvironment(), StopRequest())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_warmup_leaves_ddp_training_bit_identical(tiny_dataset, tmp_path):
+    """Two gloo ranks: the warm-up's forward, backward (with DDP's all-reduce) and evaluation
+    forwards through DDP leave the weights, BN statistics and metrics as without it."""
+    weights = {}
+    for warmup in (True, False):
+        out = tmp_path / str(warmup)
+        spec = make_spec(tiny_dataset, out, devices_per_node=2, batch_size=16, epochs=1, warmup_epochs=0.5,
+                         log_every_steps=1, warmup_before_run_start=warmup)
+        mp.start_processes(_train_rank, args=(free_port(), spec), nprocs=2, start_method="fork")
+        weights[warmup] = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for name in weights[False]:
+        assert torch.equal(weights[True][name], weights[False][name]), name
