@@ -34,13 +34,18 @@ def test_bn_groups_are_consecutive_ranks():
 def _convert(rank: int, world: int, group: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    made = []  # the groups this rank made: its own only, not one per group of the world
+    new_group = dist.new_group
+    dist.new_group = lambda ranks, **options: made.append(list(ranks)) or new_group(ranks, **options)
     try:
         model = synchronise_batchnorm(torchvision.models.resnet18(num_classes=4), group)
+        assert made == [bn_group_ranks(world, group)[rank // group]], made
         sync = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
         plain = [m for m in model.modules() if type(m) is torch.nn.BatchNorm2d]
         results[rank] = (len(sync), len(plain), sorted({tuple(dist.get_process_group_ranks(m.process_group))
                                                         for m in sync}))
     finally:
+        dist.new_group = new_group
         dist.destroy_process_group()
 
 

@@ -35,11 +35,16 @@ class RevisionError(ValueError):
     """A revision that cannot be exported (unknown, or no git checkout here)."""
 
 
+SCHEMAS = "workflow/schemas"  # config.py reads the schema from beside the package
+
+
 @contextlib.contextmanager
-def exported(revision: str) -> Iterator[Path]:
+def exported(revision: str, with_schemas: bool = False) -> Iterator[Path]:
     """The package at ``revision`` in a temporary folder, removed afterwards: the folder to put on
-    PYTHONPATH (it holds ``flashnet/``)."""
-    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", "--format=tar", revision, PACKAGE],
+    PYTHONPATH (it holds ``flashnet/``). ``with_schemas``: its config schema too, for code that
+    validates a configuration (``flashnet train``)."""
+    paths = [PACKAGE, SCHEMAS] if with_schemas else [PACKAGE]
+    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", "--format=tar", revision, *paths],
                              capture_output=True)
     if archive.returncode != 0:
         reason = archive.stderr.decode(errors="replace").strip().splitlines()

@@ -5,8 +5,10 @@ What it says, in order (keys of the training 4.0.0 compliance checker's rule fil
 - when the job starts, before the data is verified and the model built: ``cache_clear``,
   ``init_start``, the ``submission_*`` keys and ``seed``; then the hyperparameters
   (:func:`.mllog.hyperparameters`), ``train_samples`` and ``eval_samples``;
-- just before the first training step: ``init_stop`` and ``run_start``, so MLPerf's time to train
-  (``run_start`` → ``run_stop``) leaves initialisation out;
+- just before the first training step (Lightning's ``on_train_start``): ``init_stop`` and
+  ``run_start``, so MLPerf's time to train (``run_start`` → ``run_stop``) leaves initialisation out;
+  the warm-up of :mod:`flashnet.train.warmup` (compilation, cuDNN autotuning on synthetic batches)
+  runs before it, at ``on_fit_start``, and so belongs to initialisation, as the rules allow;
 - ``block_start``/``block_stop`` around the epochs between two validations, then ``eval_start``,
   ``eval_accuracy`` (a fraction) and ``eval_stop`` at each validation the eval cadence asks for;
 - ``run_stop`` with status ``success`` at the first validation that reaches the target (with

@@ -43,11 +43,23 @@ def bn_group_ranks(world_size: int, group_size: int) -> list[list[int]]:
 
 def synchronise_batchnorm(model: nn.Module, group_size: int) -> nn.Module:
     """BatchNorm statistics pooled over this rank's group of ``group_size`` devices (MLPerf's
-    ``model_bn_span`` = group_size × per-device batch), as NVIDIA's MLPerf runs do."""
+    ``model_bn_span`` = group_size × per-device batch), as NVIDIA's MLPerf runs do.
+
+    The groups are made without a ``new_group`` call per group on every rank (world/span calls,
+    1,024 on each of 2,048 ranks at a span of 2): under NCCL one ``split_group`` call on every rank
+    splits the default communicator (ncclCommSplit; needs the default group bound to a device, as
+    Lightning's DDP strategy and ``startup.join_process_group`` bind it); elsewhere (gloo, or a torch
+    without ``split_group``) each rank makes only its own group, with ``new_group(...,
+    use_local_synchronization=True)``, which ranks outside the group need not call. torch 2.14's
+    ``split_group`` refuses gloo ("Only the NCCL and custom plugin backends are supported");
+    ``new_subgroups_by_enumeration`` would still call ``new_group`` once per group."""
     import torch.distributed as dist
 
-    groups = [dist.new_group(ranks) for ranks in bn_group_ranks(dist.get_world_size(), group_size)]
-    own = groups[dist.get_rank() // group_size]  # every rank creates every group, as new_group requires
+    groups = bn_group_ranks(dist.get_world_size(), group_size)
+    if dist.get_backend() == "nccl" and hasattr(dist, "split_group"):
+        own = dist.split_group(split_ranks=groups, group_desc="batchnorm")
+    else:
+        own = dist.new_group(groups[dist.get_rank() // group_size], use_local_synchronization=True)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=own)
 
 

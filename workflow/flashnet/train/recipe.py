@@ -22,7 +22,6 @@ import torchvision
 
 from ..config import LauncherConfig, MlperfConfig, RunConfig
 from ..data.epochs import TrainSamples, shard_paths
-from ..data.manifest import verify_manifest
 from ..files import write_json
 from ..mlperf.log import MLPerfLog, platform_name
 from ..runfolder import SUMMARY_FILE
@@ -33,8 +32,10 @@ from .datamodule import ShardData
 from .modelfile import save_model
 from .module import ImageNetClassifier
 from .schedule import run_steps_per_epoch, schedule_for_run, total_steps
+from .startup import checked_once, join_process_group
 from .trackers import ForwardRecords, build_loggers
 from .trainer import allreduce_dtype, build_trainer, device_name, resolve_accelerator
+from .warmup import Warmup, val_batch_sizes
 
 # Lightning cannot see that the train loader resumes by itself (from the restored global step) and
 # that each worker's share of an epoch is exact by construction; its warnings say otherwise.
@@ -73,6 +74,16 @@ def prepare_for_device(model: torch.nn.Module, accelerator: str, compile_mode: s
         model.compile(mode=compile_mode)
 
 
+def warmup_callbacks(run: RunConfig, val_manifest: dict) -> list[pl.Callback]:
+    """The warm-up before MLPerf's run_start (train/warmup.py), when the run asks for it: the train
+    batch and every val batch size of the val plan (the per-device batch, as ShardData's)."""
+    if not run.warmup_before_run_start:
+        return []
+    sizes = val_batch_sizes(tuple(s["samples"] for s in val_manifest["shards"]), run.world_size,
+                            run.loader_workers, run.per_device_batch)
+    return [Warmup(run.image_size, run.per_device_batch, sizes, decode_on_device=run.decode_device == "cuda")]
+
+
 def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
           extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any] | None:
     """Train (or resume) ``spec`` in this process; returns the summary on rank 0."""
@@ -80,16 +91,17 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     out_dir = Path(spec.out_dir)
     accelerator = resolve_accelerator(run)
     pl.seed_everything(run.seed, workers=False, verbose=False)
-    # The newest intact resume checkpoint, read (and CRC-checked) once; rank 0 reports what it skipped.
-    skipped: list[str] = []
-    resume = checkpoints.choose_resume(spec.checkpoint, say=skipped.append)
+    # Start-up checks by rank 0 alone, broadcast: the shards are there and whole, and the newest
+    # intact resume checkpoint (CRC-read once); rank 0 reports what it skipped (train/startup.py).
+    join_process_group(cluster_environment, run.nodes, run.devices_per_node, accelerator,
+                       spec.launcher.ddp_timeout_s)
+    checks, train_manifest, val_manifest = checked_once(spec.checkpoint, spec.train_manifest, spec.val_manifest)
+    resume, skipped = checks.resume, checks.skipped
     resuming = resume is not None
     mlperf_log = MLPerfLog(out_dir, run, MlperfConfig.from_dict(spec.mlperf).to_dict(),
                            platform_name(run.world_size, device_name(accelerator)), resumed=resuming)
 
     # data: the manifests are the contract with the data stage
-    train_manifest = verify_manifest(spec.train_manifest)
-    val_manifest = verify_manifest(spec.val_manifest)
     spe = run_steps_per_epoch(run, train_manifest["samples"])
     mlperf_log.describe_data(train_manifest["samples"], val_manifest["samples"], spe)
     total = total_steps(run.epochs, spe)
@@ -113,6 +125,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         records,
         ForwardRecords(records, {"run_name": spec.name, **run.to_dict()}, out_dir),  # to the trackers, if any
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
+        *warmup_callbacks(run, val_manifest),  # on_fit_start: before mlperf_log's init_stop and run_start
         mlperf_log,
         ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
                           scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch, clock=clock),
