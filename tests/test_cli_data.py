@@ -124,10 +124,17 @@ def test_bench_shards_runs_through_the_cli(capsys, tmp_path):
 # --------------------------------------------------------------------------- the workflow's wiring
 
 
-def snakemake(*args: str, tmp_path: Path, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def snakemake(*args: str, tmp_path: Path, config: tuple[str, ...] = (),
+              configfiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The checkout's workflow run in ``tmp_path`` (``--directory``): its results/, resources/ and
+    .snakemake/ there, so nothing the checkout's own runs left behind (`make run`'s sample data,
+    results, metadata) changes what a test sees."""
     env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(SNAKEMAKE), *args, "--nolock", "--config", f"results_dir={tmp_path / 'results'}",
-                           *config], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), *args, "--nolock", "--directory", str(tmp_path),
+               "--configfile", str(ROOT / "config" / "config.yaml"), *configfiles]
+    if config:
+        command += ["--config", *config]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -226,7 +233,7 @@ def test_forcerun_write_shards_rewrites_every_shard_and_the_next_run_nothing(tmp
     settings.write_text(yaml.safe_dump({"data_dir": str(data_dir), "shards": {"samples_per_shard": 4, "jobs": 2}}))
 
     def data_stage(*flags):
-        result = snakemake("--cores", "1", "--until", "manifest", "--configfile", str(settings), *flags,
+        result = snakemake("--cores", "1", "--until", "manifest", *flags, configfiles=(str(settings),),
                            tmp_path=tmp_path)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         return result.stdout + result.stderr
