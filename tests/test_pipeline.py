@@ -34,7 +34,8 @@ def test_final_outputs_cover_every_stage(config):
     outputs = pipeline.final_outputs(config)
     assert outputs == [
         "results/shards/train/manifest.json", "results/shards/val/manifest.json",
-        "results/runs/default/summary.json", "results/runs/default/eval.json", "results/report/report.html",
+        "results/runs/default/summary.json", "results/runs/default/model.pt", "results/runs/default/eval.json",
+        "results/report/report.html",
     ]
 
 

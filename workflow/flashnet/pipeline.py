@@ -43,10 +43,16 @@ def results(config: dict[str, Any], *parts: str) -> str:
     return str(Path(config["results_dir"], *parts))
 
 
+# Each run's files the workflow asks for. model.pt is among them: Snakemake tolerates a missing
+# file whose consumers are up to date (as it does a removed temp() file), so a model.pt deleted
+# after evaluation would otherwise never be noticed.
+RUN_TARGETS = ("summary.json", "model.pt", "eval.json")
+
+
 def final_outputs(config: dict[str, Any]) -> list[str]:
     outputs = [results(config, "shards", split, "manifest.json") for split in SPLITS]
     for run in config["runs"]:
-        outputs += [results(config, "runs", run, name) for name in ("summary.json", "eval.json")]
+        outputs += [results(config, "runs", run, name) for name in RUN_TARGETS]
     outputs += [results(config, "report", "report.html")]
     return outputs
 
@@ -131,7 +137,14 @@ def run_config(config: dict[str, Any], run: str) -> cfg.RunConfig:
 
 
 def run_json(config: dict[str, Any], run: str) -> str:
+    """Every setting of the run, for ``flashnet train --run``."""
     return json.dumps(run_config(config, run).to_dict(), sort_keys=True)
+
+
+def run_result_json(config: dict[str, Any], run: str) -> str:
+    """The settings that decide the run's result (:data:`flashnet.config.RESULT_NEUTRAL_KEYS` left
+    out): the train rule's tracked param, so adding a logger to a finished run retrains nothing."""
+    return json.dumps(run_config(config, run).result_dict(), sort_keys=True)
 
 
 def mlperf_json(config: dict[str, Any]) -> str:
