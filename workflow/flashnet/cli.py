@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (results/runs/<run>)")
     p.add_argument("--settings", type=_json_object, required=True, help="the config's report section (JSON)")
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--partial", action="store_true",
+                   help="report the runs that finished and list the others with why (after a failed job)")
+    p.add_argument("--logs-dir", type=Path, default=Path("results/logs"),
+                   help="the workflow's log folder, named for a run that did not finish (default: results/logs)")
     p.set_defaults(func=_report)
 
     p = commands.add_parser("status", help="where every run of the configuration stands (reads only)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,48 @@ def pass_forced_flags(workflow: Any) -> None:
 def executor_name(workflow: Any) -> str | None:
     plugin = getattr(workflow, "executor_plugin", None)
     return getattr(plugin, "name", None)
+
+
+# --------------------------------------------------------------------------- after a failed job
+
+
+def report_what_finished(config: dict[str, Any], workflow: Any) -> None:
+    """Snakemake's ``onerror`` hook: under --keep-going, build results/report/ from the runs that
+    finished, listing the others with why.
+
+    Snakemake never runs a job whose inputs failed, so one failed run would leave every other run
+    of a sweep without a report. Without --keep-going the invocation stopped at the first failure
+    and other runs may not have been tried, so nothing is reported then (a line says how to get a
+    report). The partial report's files are dated before its inputs, so the next invocation
+    builds the report again whatever it does (finishes the failed runs, or drops them from the config).
+    """
+    settings = getattr(workflow, "execution_settings", None)
+    if not getattr(settings, "keep_going", False):
+        print("flashnet: no report, as a job failed; with --keep-going the runs that finish are reported "
+              "and the failed ones listed", file=sys.stderr)
+        return
+    from .report import build, runs as report_runs
+
+    folders = [Path(results(config, "runs", run)) for run in config["runs"]]
+    finished = [folder for folder in folders if report_runs.is_finished(folder)]
+    if not finished or len(finished) == len(folders):
+        return  # no run to report, or every run finished and the report rule itself is what failed
+    out_dir = Path(results(config, "report"))
+    try:
+        files = build.build_report(folders, config["report"], out_dir, partial=True,
+                                   logs_dir=Path(results(config, "logs")))
+    except Exception as error:  # a hook must not hide the failure that called it
+        print(f"flashnet: no report of the runs that finished: {error}", file=sys.stderr)
+        return
+    date_before_inputs(list(files.values()), finished)
+    missing = [folder.name for folder in folders if folder not in finished]
+    print(f"flashnet: report of the {len(finished)} run(s) that finished → {files[build.HTML_FILE]}; "
+          f"without results: {', '.join(missing)} (listed there with why)", file=sys.stderr)
+
+
+def date_before_inputs(files: list[Path], run_folders: list[Path]) -> None:
+    """Set ``files``' times to before every file in ``run_folders``, so Snakemake (whose rerun
+    triggers compare times) sees the report older than its inputs and builds it again."""
+    oldest = min(path.stat().st_mtime for folder in run_folders for path in folder.iterdir() if path.is_file())
+    for path in files:
+        os.utime(path, (oldest - 1, oldest - 1))
