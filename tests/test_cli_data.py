@@ -251,3 +251,21 @@ def test_forcerun_write_shards_rewrites_every_shard_and_the_next_run_nothing(tmp
     assert len(logs) == 4 and all("forced rerun (--rewrite)" in log.read_text() for log in logs), output[-2000:]
     assert "flashnet write-shards" not in data_stage("-p")  # nothing to do: no job ran
     assert shard_files() == forced
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_an_error_before_submission_reaches_the_terminal_without_the_profile(tmp_path):
+    """Issue 22, case 9: an error raised before the job is submitted reached only the rule log (the
+    terminal said "check log file(s)"), unless the profile's show-failed-logs was in effect."""
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump({
+        "sample_data": {"classes": 2, "train_per_class": 4, "val_per_class": 2, "min_side": 40, "max_side": 48,
+                        "odd_files": False},
+        "shards": {"samples_per_shard": 4, "jobs": 1},
+        "runs": {"default": {"batch_size": 64, "devices_per_node": 1, "loader_workers": 0}},
+    }))
+    result = snakemake("--cores", "1", "--until", "train", configfiles=(str(settings),), tmp_path=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "flashnet train: error: batch_size 64 exceeds the 8 train samples" in output, output[-3000:]
+    assert not (tmp_path / "results" / "runs" / "default" / "jobs").exists()  # nothing was submitted

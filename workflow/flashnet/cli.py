@@ -235,9 +235,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except USER_ERRORS as error:
-        print(f"flashnet {args.command}: error: {error}", file=sys.stderr)
+        line = f"flashnet {args.command}: error: {error}"
+        print(line, file=sys.stderr)
+        tell_terminal(args, line)
         return 2
+    except Exception as error:  # a bug, or a failure outside the user's input: the traceback goes to the log
+        tell_terminal(args, f"flashnet {args.command}: {type(error).__name__}: {error}"
+                            + (f" (traceback in {args.log_file})" if getattr(args, "log_file", None) else ""))
+        raise
     return result or 0
+
+
+def tell_terminal(args: argparse.Namespace, line: str) -> None:
+    """Also write ``line`` to the progress descriptor where the command has one: a rule sends the
+    command's stderr to its log, and its fd 3 to Snakemake's terminal, so an error raised before any
+    job was submitted is seen there, not only in the log (with or without show-failed-logs)."""
+    fd = getattr(args, "progress_fd", None)
+    if fd is None:
+        return
+    from .watch import open_progress_fd
+
+    stream = open_progress_fd(fd)
+    if stream is not None:
+        stream.write(line + "\n")
+        stream.flush()
 
 
 if __name__ == "__main__":
