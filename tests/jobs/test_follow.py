@@ -81,3 +81,33 @@ def test_a_requeued_job_is_not_over_until_slurm_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)  # forgotten: accounting has the last word
     runs.append(slurm.Attempt("COMPLETED", "flashnet-n2", 50, "0:0"))
     assert follow.slurm_poll(NodeFailedJob(tmp_path))[1]
+
+
+def test_a_task_killed_with_sigkill_is_reported_as_killed(tmp_path):
+    """Issue 22, case 9: a job killed by `kill -9` read "failed: job N (FINISHED) failed", no reason."""
+    import submitit
+
+    from flashnet.runfolder import short_reason
+
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(time.sleep, 120)
+    children = Path(f"/proc/{job.job_id}/task/{job.job_id}/children")
+    deadline = time.monotonic() + 30
+    while not children.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    task_pid = int(children.read_text().split()[0])  # the controller's one task: the job's Python
+    subprocess.run(["kill", "-9", str(task_pid)], check=True)
+    with pytest.raises(lock.JobFailed) as failed:
+        follow.wait(job, 0.2)
+    assert short_reason(str(failed.value)) == (
+        f"job {job.job_id} (FINISHED) failed: task 0 of 1 ended without a result: killed by a signal "
+        "(kill -9, the out-of-memory killer) or exited outside Python")
+
+
+@pytest.mark.parametrize("exit_code, words", [
+    ("0:9", "killed by signal 9 (SIGKILL)"), ("137:0", "killed by signal 9 (SIGKILL)"), ("1:0", "exit code 1"),
+    ("0:0", ""), ("", ""),
+])
+def test_slurm_exit_codes_in_words(exit_code, words):
+    assert follow.describe_exit_code(exit_code) == words
