@@ -114,6 +114,16 @@ def dataset_files(config: dict[str, Any]) -> list[str]:
     return [str(data_dir / name) for name in names]
 
 
+def input_listing(config: dict[str, Any], split: str) -> str:
+    """The index rule's tracked param: what a listing of the split's image files says
+    (:func:`flashnet.data.sources.listing_fingerprint`), so adding or removing an image in an
+    extracted or Kaggle layout plans the index and the shards again. Generated sample data is
+    official tars, which are the rule's input files (and do not exist before the generator ran)."""
+    if generates_sample_data(config):
+        return "generated"
+    return sources.listing_fingerprint(Path(config["data_dir"]), split)
+
+
 def data_dir_of(dataset_files: list[str]) -> str:
     return str(Path(dataset_files[0]).parent)
 

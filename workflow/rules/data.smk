@@ -33,6 +33,9 @@ rule index_split:
         data_dir=lambda wildcards, input: pipeline.data_dir_of(input),
         samples_per_shard=config["shards"]["samples_per_shard"],
         seed=config["shards"]["seed"],
+        # The split's files, listed (count and hash of names and folder times): a changed listing
+        # reruns the index, and so the shards. Its input folders alone miss files added to a class folder.
+        listing=lambda wildcards: pipeline.input_listing(config, wildcards.split),
     conda:
         "../../envs/data.yaml"
     resources:
