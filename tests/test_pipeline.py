@@ -243,3 +243,26 @@ def test_mlperf_settings_reach_the_train_command(config):
     with pytest.raises(cfg.ConfigError, match=r"mlperf\.status: 'available' is not one of"):
         pipeline.mlperf_json(config)
     assert "--mlperf {params.mlperf:q}" in (ROOT / "workflow" / "rules" / "train.smk").read_text()
+
+
+def test_result_neutral_keys_leave_the_train_rules_tracked_param_alone(config):
+    """Issue 22, case 8: adding a tracker to a finished run retrained it ("Params have changed")."""
+    from flashnet.config import RESULT_NEUTRAL_KEYS
+
+    assert RESULT_NEUTRAL_KEYS >= {"loggers", "mlflow_tracking_uri", "wandb_mode", "log_every_steps", "loader_workers"}
+    before = pipeline.run_result_json(config, "default")
+    config["runs"]["default"].update(loggers=["csv", "tensorboard"], log_every_steps=1, loader_workers=0)
+    assert pipeline.run_result_json(config, "default") == before
+    assert json.loads(pipeline.run_json(config, "default"))["loggers"] == ["csv", "tensorboard"]  # the command has them
+    config["runs"]["default"]["lr"] = 0.5
+    assert pipeline.run_result_json(config, "default") != before
+
+
+def test_the_input_listing_is_tracked_only_where_images_are_files(config, tmp_path):
+    assert pipeline.input_listing(config, "train") == "generated"  # the generator's tars are input files
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+    (tmp_path / "imagenet" / "train" / "n01440764" / "a.JPEG").write_bytes(b"x")
+    config["data_dir"] = str(tmp_path / "imagenet")
+    assert pipeline.input_listing(config, "train").startswith("extracted: 1 files, ")
+    assert pipeline.input_listing(config, "val").startswith("extracted: 0 files, ")
