@@ -259,10 +259,11 @@ def test_result_neutral_keys_leave_the_train_rules_tracked_param_alone(config):
 
 
 def test_the_input_listing_is_tracked_only_where_images_are_files(config, tmp_path):
-    assert pipeline.input_listing(config, "train") == "generated"  # the generator's tars are input files
+    assert pipeline.input_listing_param(config) == {}  # the generator's tars are the index rule's input files
     for split in ("train", "val"):
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
     (tmp_path / "imagenet" / "train" / "n01440764" / "a.JPEG").write_bytes(b"x")
     config["data_dir"] = str(tmp_path / "imagenet")
-    assert pipeline.input_listing(config, "train").startswith("extracted: 1 files, ")
-    assert pipeline.input_listing(config, "val").startswith("extracted: 0 files, ")
+    listing = pipeline.input_listing_param(config)["listing"]
+    assert listing(types.SimpleNamespace(split="train")).startswith("extracted: 1 files, ")
+    assert listing(types.SimpleNamespace(split="val")).startswith("extracted: 0 files, ")

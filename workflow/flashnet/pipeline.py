@@ -115,13 +115,20 @@ def dataset_files(config: dict[str, Any]) -> list[str]:
 
 
 def input_listing(config: dict[str, Any], split: str) -> str:
-    """The index rule's tracked param: what a listing of the split's image files says
-    (:func:`flashnet.data.sources.listing_fingerprint`), so adding or removing an image in an
-    extracted or Kaggle layout plans the index and the shards again. Generated sample data is
-    official tars, which are the rule's input files (and do not exist before the generator ran)."""
-    if generates_sample_data(config):
-        return "generated"
+    """What a listing of the split's image files says (:func:`flashnet.data.sources.listing_fingerprint`):
+    the index rule's tracked param, so adding or removing an image in an extracted or Kaggle layout
+    plans the index and the shards again."""
     return sources.listing_fingerprint(Path(config["data_dir"]), split)
+
+
+def input_listing_param(config: dict[str, Any]) -> dict[str, Any]:
+    """The index rule's ``listing`` param where the images are files of their own; none for the
+    official layout and the generated sample data (official tars), whose tars are the rule's input
+    files: a param they do not need would only make Snakemake redo the data stage of every results
+    folder written before it existed ("Params have changed")."""
+    if generates_sample_data(config) or sources.detect_layout(Path(config["data_dir"])) == "official":
+        return {}
+    return {"listing": lambda wildcards: input_listing(config, wildcards.split)}
 
 
 def data_dir_of(dataset_files: list[str]) -> str:
