@@ -478,3 +478,5 @@ def test_the_listing_does_not_depend_on_where_the_data_lies(layout_copy, tmp_pat
 
 def test_the_official_tars_are_watched_as_files(sample_root):
     assert sources.listing_fingerprint(sample_root / "official", "train") == "official"
+    assert [sources.images_are_files(sample_root / layout) for layout in ("official", "extracted", "kaggle")] == [
+        False, True, True]

@@ -126,7 +126,7 @@ def input_listing_param(config: dict[str, Any]) -> dict[str, Any]:
     official layout and the generated sample data (official tars), whose tars are the rule's input
     files: a param they do not need would only make Snakemake redo the data stage of every results
     folder written before it existed ("Params have changed")."""
-    if generates_sample_data(config) or sources.detect_layout(Path(config["data_dir"])) == "official":
+    if generates_sample_data(config) or not sources.images_are_files(config["data_dir"]):
         return {}
     return {"listing": lambda wildcards: input_listing(config, wildcards.split)}
 

@@ -24,7 +24,7 @@ from .official import (DEVKIT_META, DEVKIT_VAL_TRUTH, OFFICIAL_DEVKIT, OFFICIAL_
 __all__ = [
     "DEVKIT_META", "DEVKIT_VAL_TRUTH", "IMAGENET_CLASSES", "IMAGENET_COUNTS", "KAGGLE_ROOT", "KAGGLE_SYNSETS",
     "KAGGLE_VAL_SOLUTION", "OFFICIAL_DEVKIT", "OFFICIAL_TRAIN", "OFFICIAL_VAL", "SPLITS", "WNID", "DataError",
-    "SplitIndex", "detect_layout", "index_split", "listing_fingerprint", "read_devkit",
+    "SplitIndex", "detect_layout", "images_are_files", "index_split", "listing_fingerprint", "read_devkit",
 ]
 
 READERS = {"official": read_official, "extracted": read_extracted, "kaggle": read_kaggle}
@@ -76,6 +76,13 @@ def image_folder(data_dir: Path, layout: str, split: str) -> Path | None:
     """The folder holding a split's image files in a one-file-per-image layout (None for the
     official tars, which are themselves the files to watch)."""
     return {"official": None, "extracted": data_dir / split, "kaggle": data_dir / KAGGLE_ROOT / split}[layout]
+
+
+def images_are_files(data_dir: str | Path) -> bool:
+    """Whether the layout under ``data_dir`` holds one file per image (extracted, Kaggle), whose
+    listing is worth tracking; the official tars are files to watch themselves."""
+    data_dir = Path(data_dir)
+    return image_folder(data_dir, detect_layout(data_dir), SPLITS[0]) is not None
 
 
 def listing_fingerprint(data_dir: str | Path, split: str) -> str:
