@@ -111,3 +111,17 @@ def test_a_task_killed_with_sigkill_is_reported_as_killed(tmp_path):
 ])
 def test_slurm_exit_codes_in_words(exit_code, words):
     assert follow.describe_exit_code(exit_code) == words
+
+
+def test_a_slurm_task_killed_names_its_steps_signal_not_the_allocations_exit_code(tmp_path, monkeypatch):
+    """What sacct said on the test cluster for a task killed by SIGKILL: the allocation FAILED with
+    ExitCode 9:0, its step CANCELLED with 0:9 (tests/e2e/test_slurm_failures.py runs it for real)."""
+    job = NodeFailedJob(tmp_path)
+    job.num_tasks = 1
+    job.task = lambda i: type("Task", (), {"paths": type("P", (), {"result_pickle": tmp_path / "none.pkl"})})()
+    monkeypatch.setattr(follow, "is_slurm", lambda job: True)
+    monkeypatch.setattr(slurm, "attempts", lambda job_id, timeout_s=60.0: [slurm.Attempt("FAILED", "n1", 1, "9:0")])
+    monkeypatch.setattr(slurm, "step_exit_codes", lambda job_id, timeout_s=60.0: ["9:0", "0:9"])
+    assert follow.ending_without_result(job) == "task 0 of 1 ended without a result: killed by signal 9 (SIGKILL)"
+    monkeypatch.setattr(slurm, "step_exit_codes", lambda job_id, timeout_s=60.0: [])
+    assert follow.ending_without_result(job) == "task 0 of 1 ended without a result: exit code 9"

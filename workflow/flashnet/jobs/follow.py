@@ -145,7 +145,10 @@ def ending_without_result(job) -> str:
     said = f"task{'s' if len(silent) > 1 else ''} {named} of {job.num_tasks} ended without a result"
     if is_slurm(job):
         runs = slurm.attempts(job.job_id) or []
-        code = describe_exit_code(runs[-1].exit_code) if runs else ""
+        codes = [*slurm.step_exit_codes(job.job_id), *(run.exit_code for run in runs[-1:])]
+        words = [describe_exit_code(code) for code in codes]
+        # A signal on a step (the task's own) says more than the allocation's exit code.
+        code = next((w for w in words if w.startswith("killed")), next((w for w in words if w), ""))
         return f"{said}: {code}" if code else f"{said} (killed, or exited outside Python)"
     return f"{said}: killed by a signal (kill -9, the out-of-memory killer) or exited outside Python"
 
