@@ -124,10 +124,17 @@ def test_bench_shards_runs_through_the_cli(capsys, tmp_path):
 # --------------------------------------------------------------------------- the workflow's wiring
 
 
-def snakemake(*args: str, tmp_path: Path, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def snakemake(*args: str, tmp_path: Path, config: tuple[str, ...] = (),
+              configfiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The checkout's workflow run in ``tmp_path`` (``--directory``): its results/, resources/ and
+    .snakemake/ there, so nothing the checkout's own runs left behind (`make run`'s sample data,
+    results, metadata) changes what a test sees."""
     env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(SNAKEMAKE), *args, "--nolock", "--config", f"results_dir={tmp_path / 'results'}",
-                           *config], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), *args, "--nolock", "--directory", str(tmp_path),
+               "--configfile", str(ROOT / "config" / "config.yaml"), *configfiles]
+    if config:
+        command += ["--config", *config]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -226,7 +233,7 @@ def test_forcerun_write_shards_rewrites_every_shard_and_the_next_run_nothing(tmp
     settings.write_text(yaml.safe_dump({"data_dir": str(data_dir), "shards": {"samples_per_shard": 4, "jobs": 2}}))
 
     def data_stage(*flags):
-        result = snakemake("--cores", "1", "--until", "manifest", "--configfile", str(settings), *flags,
+        result = snakemake("--cores", "1", "--until", "manifest", *flags, configfiles=(str(settings),),
                            tmp_path=tmp_path)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         return result.stdout + result.stderr
@@ -244,3 +251,58 @@ def test_forcerun_write_shards_rewrites_every_shard_and_the_next_run_nothing(tmp
     assert len(logs) == 4 and all("forced rerun (--rewrite)" in log.read_text() for log in logs), output[-2000:]
     assert "flashnet write-shards" not in data_stage("-p")  # nothing to do: no job ran
     assert shard_files() == forced
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_an_error_before_submission_reaches_the_terminal_without_the_profile(tmp_path):
+    """Issue 22, case 9: an error raised before the job is submitted reached only the rule log (the
+    terminal said "check log file(s)"), unless the profile's show-failed-logs was in effect."""
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump({
+        "sample_data": {"classes": 2, "train_per_class": 4, "val_per_class": 2, "min_side": 40, "max_side": 48,
+                        "odd_files": False},
+        "shards": {"samples_per_shard": 4, "jobs": 1},
+        "runs": {"default": {"batch_size": 64, "devices_per_node": 1, "loader_workers": 0}},
+    }))
+    result = snakemake("--cores", "1", "--until", "train", configfiles=(str(settings),), tmp_path=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "flashnet train: error: batch_size 64 exceeds the 8 train samples" in output, output[-3000:]
+    assert not (tmp_path / "results" / "runs" / "default" / "jobs").exists()  # nothing was submitted
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
+def test_an_image_added_to_or_removed_from_a_class_folder_plans_the_index_and_shards_again(tmp_path):
+    """Issue 22, case 7: in an extracted (or Kaggle) layout only the folders train/ and val/ were
+    inputs, so a file added to a class folder planned nothing and training used the old shards."""
+    sample.write_sample_data(tmp_path / "data", sample.SampleSpec(classes=2, train_per_class=8, val_per_class=4,
+                                                                  min_side=40, max_side=60, seed=1),
+                             layouts=("extracted",))
+    data_dir = tmp_path / "data"  # one layout: written straight into the folder
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump({"data_dir": str(data_dir), "shards": {"samples_per_shard": 4, "jobs": 2}}))
+
+    def data_stage(*flags):
+        result = snakemake("--cores", "1", "--until", "manifest", *flags, configfiles=(str(settings),),
+                           tmp_path=tmp_path)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout + result.stderr
+
+    data_stage()
+    assert job_counts(data_stage("-n")) == {}
+    image = sorted(next((data_dir / "train").iterdir()).iterdir())[0]
+    added = image.with_name(f"{image.stem}_copy{image.suffix}")
+    shutil.copy(image, added)
+    again = {"index_split": 1, "write_shards": 4, "manifest": 2}  # the other split's shards too: both indexes feed them
+    output = data_stage("-n")
+    assert job_counts(output) == again, output[-3000:]
+    data_stage()
+    assert manifest_samples(tmp_path, "train") == 17
+    added.unlink()
+    assert job_counts(data_stage("-n")) == again
+    data_stage()
+    assert manifest_samples(tmp_path, "train") == 16
+
+
+def manifest_samples(tmp_path: Path, split: str) -> int:
+    return json.loads((tmp_path / "results" / "shards" / split / "manifest.json").read_text())["samples"]

@@ -162,3 +162,11 @@ def test_augmentation_stops_at_its_epoch():
     # Fujitsu: `epoch < no_augument_epoch` with 0-based epochs augments 1-based epochs 1..85
     assert [e + 1 for e in range(90) if not run.augments(e)] == [86, 87, 88, 89, 90]
     assert all(cfg.RunConfig.from_dict(base_run(), "x").augments(e) for e in range(8))
+
+
+def test_result_neutral_keys_are_the_ones_the_schema_marks():
+    schema = yaml.safe_load(SCHEMA.read_text())["$defs"]["run"]["properties"]
+    assert cfg.RESULT_NEUTRAL_KEYS == {name for name, spec in schema.items() if spec.get("x-result-neutral")}
+    assert "lr" not in cfg.RESULT_NEUTRAL_KEYS and "loggers" in cfg.RESULT_NEUTRAL_KEYS
+    run = cfg.RunConfig.from_dict({"loggers": ["csv", "mlflow"]})
+    assert set(run.result_dict()) == set(run.to_dict()) - cfg.RESULT_NEUTRAL_KEYS

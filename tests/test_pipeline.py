@@ -34,7 +34,8 @@ def test_final_outputs_cover_every_stage(config):
     outputs = pipeline.final_outputs(config)
     assert outputs == [
         "results/shards/train/manifest.json", "results/shards/val/manifest.json",
-        "results/runs/default/summary.json", "results/runs/default/eval.json", "results/report/report.html",
+        "results/runs/default/summary.json", "results/runs/default/model.pt", "results/runs/default/eval.json",
+        "results/report/report.html",
     ]
 
 
@@ -242,3 +243,27 @@ def test_mlperf_settings_reach_the_train_command(config):
     with pytest.raises(cfg.ConfigError, match=r"mlperf\.status: 'available' is not one of"):
         pipeline.mlperf_json(config)
     assert "--mlperf {params.mlperf:q}" in (ROOT / "workflow" / "rules" / "train.smk").read_text()
+
+
+def test_result_neutral_keys_leave_the_train_rules_tracked_param_alone(config):
+    """Issue 22, case 8: adding a tracker to a finished run retrained it ("Params have changed")."""
+    from flashnet.config import RESULT_NEUTRAL_KEYS
+
+    assert RESULT_NEUTRAL_KEYS >= {"loggers", "mlflow_tracking_uri", "wandb_mode", "log_every_steps", "loader_workers"}
+    before = pipeline.run_result_json(config, "default")
+    config["runs"]["default"].update(loggers=["csv", "tensorboard"], log_every_steps=1, loader_workers=0)
+    assert pipeline.run_result_json(config, "default") == before
+    assert json.loads(pipeline.run_json(config, "default"))["loggers"] == ["csv", "tensorboard"]  # the command has them
+    config["runs"]["default"]["lr"] = 0.5
+    assert pipeline.run_result_json(config, "default") != before
+
+
+def test_the_input_listing_is_tracked_only_where_images_are_files(config, tmp_path):
+    assert pipeline.input_listing_param(config) == {}  # the generator's tars are the index rule's input files
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+    (tmp_path / "imagenet" / "train" / "n01440764" / "a.JPEG").write_bytes(b"x")
+    config["data_dir"] = str(tmp_path / "imagenet")
+    listing = pipeline.input_listing_param(config)["listing"]
+    assert listing(types.SimpleNamespace(split="train")).startswith("extracted: 1 files, ")
+    assert listing(types.SimpleNamespace(split="val")).startswith("extracted: 0 files, ")

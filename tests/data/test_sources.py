@@ -437,3 +437,46 @@ def test_layout_matching_none_of_the_three_lists_what_was_expected(tmp_path):
 def test_unknown_split(sample_root):
     with pytest.raises(DataError, match="split 'test'"):
         sources.index_split(sample_root / "official", "test")
+
+
+# --------------------------------------------------------------------------- the listing the workflow watches
+
+
+@pytest.mark.parametrize("layout, split", [("extracted", "train"), ("extracted", "val"), ("kaggle", "train"),
+                                           ("kaggle", "val")])
+def test_the_listing_changes_when_a_file_is_added_removed_or_renamed(layout_copy, layout, split):
+    """Issue 22, case 7: a file added to a class folder changed none of the index rule's inputs."""
+    data_dir = layout_copy(layout)
+    root = sources.image_folder(data_dir, layout, split)
+    folder = root if layout == "kaggle" and split == "val" else sorted(root.iterdir())[0]  # Kaggle's val is flat
+    first = sources.listing_fingerprint(data_dir, split)
+    files = len(sources.index_split(data_dir, split))
+    assert first.startswith(f"{layout}: {files} files, ")
+    assert sources.listing_fingerprint(data_dir, split) == first  # the same tree, the same text
+    image = sorted(folder.iterdir())[0]
+    added = image.with_name("added_" + image.name)
+    shutil.copy(image, added)
+    after_adding = sources.listing_fingerprint(data_dir, split)
+    assert after_adding.startswith(f"{layout}: {files + 1} files, ")
+    added.rename(image.with_name("renamed_" + image.name))
+    after_renaming = sources.listing_fingerprint(data_dir, split)
+    assert after_renaming not in (first, after_adding)
+    image.with_name("renamed_" + image.name).unlink()
+    image.unlink()
+    assert sources.listing_fingerprint(data_dir, split).startswith(f"{layout}: {files - 1} files, ")
+
+
+def test_the_listing_does_not_depend_on_where_the_data_lies(layout_copy, tmp_path):
+    data_dir = layout_copy("extracted")
+    moved = tmp_path / "elsewhere" / "imagenet"
+    moved.parent.mkdir()
+    shutil.copytree(data_dir, moved, copy_function=shutil.copy2)
+    for copy, original in zip(sorted(moved.rglob("*")), sorted(data_dir.rglob("*"))):  # folder times too
+        os.utime(copy, ns=(original.stat().st_atime_ns, original.stat().st_mtime_ns))
+    assert sources.listing_fingerprint(moved, "val") == sources.listing_fingerprint(data_dir, "val")
+
+
+def test_the_official_tars_are_watched_as_files(sample_root):
+    assert sources.listing_fingerprint(sample_root / "official", "train") == "official"
+    assert [sources.images_are_files(sample_root / layout) for layout in ("official", "extracted", "kaggle")] == [
+        False, True, True]

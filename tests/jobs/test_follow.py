@@ -81,3 +81,47 @@ def test_a_requeued_job_is_not_over_until_slurm_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)  # forgotten: accounting has the last word
     runs.append(slurm.Attempt("COMPLETED", "flashnet-n2", 50, "0:0"))
     assert follow.slurm_poll(NodeFailedJob(tmp_path))[1]
+
+
+def test_a_task_killed_with_sigkill_is_reported_as_killed(tmp_path):
+    """Issue 22, case 9: a job killed by `kill -9` read "failed: job N (FINISHED) failed", no reason."""
+    import submitit
+
+    from flashnet.runfolder import short_reason
+
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(time.sleep, 120)
+    children = Path(f"/proc/{job.job_id}/task/{job.job_id}/children")
+    deadline = time.monotonic() + 30
+    while not children.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    task_pid = int(children.read_text().split()[0])  # the controller's one task: the job's Python
+    subprocess.run(["kill", "-9", str(task_pid)], check=True)
+    with pytest.raises(lock.JobFailed) as failed:
+        follow.wait(job, 0.2)
+    assert short_reason(str(failed.value)) == (
+        f"job {job.job_id} (FINISHED) failed: task 0 of 1 ended without a result: killed by a signal "
+        "(kill -9, the out-of-memory killer) or exited outside Python")
+
+
+@pytest.mark.parametrize("exit_code, words", [
+    ("0:9", "killed by signal 9 (SIGKILL)"), ("137:0", "killed by signal 9 (SIGKILL)"), ("1:0", "exit code 1"),
+    ("0:0", ""), ("", ""),
+])
+def test_slurm_exit_codes_in_words(exit_code, words):
+    assert follow.describe_exit_code(exit_code) == words
+
+
+def test_a_slurm_task_killed_names_its_steps_signal_not_the_allocations_exit_code(tmp_path, monkeypatch):
+    """What sacct said on the test cluster for a task killed by SIGKILL: the allocation FAILED with
+    ExitCode 9:0, its step CANCELLED with 0:9 (tests/e2e/test_slurm_failures.py runs it for real)."""
+    job = NodeFailedJob(tmp_path)
+    job.num_tasks = 1
+    job.task = lambda i: type("Task", (), {"paths": type("P", (), {"result_pickle": tmp_path / "none.pkl"})})()
+    monkeypatch.setattr(follow, "is_slurm", lambda job: True)
+    monkeypatch.setattr(slurm, "attempts", lambda job_id, timeout_s=60.0: [slurm.Attempt("FAILED", "n1", 1, "9:0")])
+    monkeypatch.setattr(slurm, "step_exit_codes", lambda job_id, timeout_s=60.0: ["9:0", "0:9"])
+    assert follow.ending_without_result(job) == "task 0 of 1 ended without a result: killed by signal 9 (SIGKILL)"
+    monkeypatch.setattr(slurm, "step_exit_codes", lambda job_id, timeout_s=60.0: [])
+    assert follow.ending_without_result(job) == "task 0 of 1 ended without a result: exit code 9"

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flashnet import cli, pipeline
+from flashnet.data.sources import DataError
 from flashnet.report import build, plots
 from flashnet.report.html import SECTIONS
 
@@ -137,3 +138,45 @@ def test_a_run_shorter_than_its_log_interval_still_gets_a_report(two_runs, setti
     steps.write_text(steps.read_text().splitlines()[0] + "\n")
     out_dir = tmp_path / "report"
     assert set(build.build_report(two_runs, settings, out_dir)) == EXPECTED_FILES
+
+
+def test_a_partial_report_covers_the_runs_that_finished_and_lists_the_others_with_why(two_runs, settings, tmp_path):
+    """Issue 22, case 4: under --keep-going one failed run left every other run without a report."""
+    runs_dir = two_runs[0].parent
+    diverged = runs_dir / "lr-1e4"
+    diverged.mkdir()
+    (diverged / "failure.json").write_text(json.dumps({"kind": "diverged", "message": "loss 7e+07 at step 40,\n"
+                                                       "100x the first steps' 2.3"}))
+    crashed = runs_dir / "crashed"
+    crashed.mkdir()
+    (crashed / "summary.json").write_text(json.dumps({"run": "crashed", "finished": False}))
+    evaluation_failed = two_runs[0].parent / "no-eval"
+    evaluation_failed.mkdir()
+    for name in ("summary.json", "metrics.csv", "steps.csv"):
+        (evaluation_failed / name).write_bytes((two_runs[0] / name).read_bytes())
+    folders = [*two_runs, diverged, crashed, evaluation_failed]
+    logs = tmp_path / "results" / "logs"
+    with pytest.raises(DataError, match="lr-1e4/summary.json: missing"):
+        build.build_report(folders, settings, tmp_path / "strict")  # without partial every run must be there
+    files = build.build_report(folders, settings, tmp_path / "report", partial=True, logs_dir=logs)
+    assert set(files) == EXPECTED_FILES
+    markdown = files["summary.md"].read_text()
+    assert "from 2 of 5 run(s)" in markdown
+    assert "### Runs without results (3)" in markdown
+    assert "| lr-1e4 | diverged: loss 7e+07 at step 40, 100x the first steps' 2.3 |" in markdown
+    assert f"| crashed | failed (see {logs / 'train' / 'crashed.log'}) |" in markdown
+    assert f"| no-eval | evaluation failed (see {logs / 'evaluate' / 'no-eval.log'}) |" in markdown
+    table = (tmp_path / "report" / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in table[1:]] == ["lars-b64", "h100-b1024"]
+    page = files["report.html"].read_text()
+    assert '<h3 id="unfinished">Runs without results (3)</h3>' in page and "diverged: loss 7e+07" in page
+    assert "2 of 5 runs on" in page
+
+
+def test_partial_report_from_the_command_line(two_runs, settings, tmp_path, capsys):
+    failed = two_runs[0].parent / "failed"
+    failed.mkdir()
+    status = cli.main(["report", "--runs", *map(str, two_runs), str(failed), "--settings", json.dumps(settings),
+                       "--out-dir", str(tmp_path / "report"), "--partial", "--logs-dir", "results/logs"])
+    assert status == 0, capsys.readouterr().err
+    assert "| failed | failed (see results/logs/train/failed.log) |" in (tmp_path / "report" / "summary.md").read_text()

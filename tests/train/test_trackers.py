@@ -4,6 +4,7 @@ each is read back with its own reader, against the run's metrics.csv and steps.c
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import struct
 import sys
@@ -148,3 +149,118 @@ def test_unknown_logger_is_refused(tiny_run):
     run = {**tiny_run(), "loggers": ["csv", "neptune"]}
     with pytest.raises(ConfigError, match=r"runs\.tiny\.loggers\.1: 'neptune' is not one of \['csv', 'tensorboard', 'mlflow', 'wandb'\]"):
         RunConfig.from_dict(run, "tiny")
+
+
+# --------------------------------------------------------------------------- checked before submission
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that takes connections and never answers (listening, never accepting): what
+    an MLflow server behind a dead proxy or a firewall that drops packets looks like."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port nothing listens on (connections refused)."""
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+@pytest.fixture
+def answering_url():
+    """A real HTTP server on loopback answering 404 to everything: a server that is there."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_in_seconds_naming_the_uri(tiny_run, silent_port):
+    """Issue 22, case 6: the job itself waited ~4.5 min of the allocation on such a URI."""
+    import time
+
+    uri = f"http://127.0.0.1:{silent_port}"
+    run = RunConfig.from_dict(tiny_run(loggers=["csv", "mlflow"], mlflow_tracking_uri=uri), "tiny")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"runs\.tiny\.mlflow_tracking_uri {uri} does not answer .*timed out"):
+        trackers.check_trackers(run, "tiny", timeout_s=1.0)
+    assert time.monotonic() - started < 3
+
+
+def test_an_mlflow_uri_on_a_closed_port_fails_naming_the_uri(tiny_run, closed_port):
+    uri = f"http://127.0.0.1:{closed_port}/"
+    run = RunConfig.from_dict(tiny_run(loggers=["csv", "mlflow"], mlflow_tracking_uri=uri), "tiny")
+    with pytest.raises(ConfigError, match=rf"runs\.tiny\.mlflow_tracking_uri {uri} does not answer .*refused"):
+        trackers.check_trackers(run, "tiny")
+
+
+def test_a_server_that_answers_passes_even_with_an_error_status(tiny_run, answering_url, tmp_path):
+    run = RunConfig.from_dict(tiny_run(loggers=["csv", "mlflow"], mlflow_tracking_uri=answering_url), "tiny")
+    trackers.check_trackers(run, "tiny", timeout_s=1.0)
+    # A file store (the default) and trackers that are not configured are not contacted.
+    trackers.check_trackers(RunConfig.from_dict(tiny_run(loggers=["csv", "mlflow"]), "tiny"), "tiny")
+    trackers.check_trackers(RunConfig.from_dict(tiny_run(mlflow_tracking_uri="http://127.0.0.1:1"), "tiny"), "tiny")
+
+
+def test_wandb_online_needs_credentials_before_submission(tiny_run, monkeypatch, tmp_path, answering_url):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", answering_url)
+    run = RunConfig.from_dict(tiny_run(loggers=["csv", "wandb"], wandb_mode="online"), "tiny")
+    with pytest.raises(ConfigError, match=r"runs\.tiny\.wandb_mode: online, but no W&B credentials for 127\.0\.0\.1"):
+        trackers.check_trackers(run, "tiny")
+    (tmp_path / "netrc").write_text("machine 127.0.0.1\n  login user\n  password not-a-real-key\n")
+    trackers.check_trackers(run, "tiny", timeout_s=1.0)
+    # Offline needs neither credentials nor network.
+    trackers.check_trackers(RunConfig.from_dict(tiny_run(loggers=["csv", "wandb"]), "tiny"), "tiny")
+
+
+def test_wandb_online_without_its_server_fails_in_seconds_naming_the_url(tiny_run, monkeypatch, silent_port):
+    """Issue 22, case 6: W&B online without network failed ~2 min into the job."""
+    url = f"http://127.0.0.1:{silent_port}"
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    run = RunConfig.from_dict(tiny_run(loggers=["csv", "wandb"], wandb_mode="online"), "tiny")
+    with pytest.raises(ConfigError, match=rf"runs\.tiny\.wandb_mode: online, but the W&B server {url} does not answer"):
+        trackers.check_trackers(run, "tiny", timeout_s=1.0)
+
+
+def test_flashnet_train_stops_before_submitting_when_mlflow_does_not_answer(tiny_dataset, tmp_path, silent_port,
+                                                                          capsys, monkeypatch):
+    """The submitting side: `flashnet train` (the train rule's command) fails before any job exists."""
+    import time
+
+    from flashnet import cli
+
+    monkeypatch.setattr(trackers, "ANSWER_TIMEOUT_S", 1.0)
+    uri = f"http://127.0.0.1:{silent_port}"
+    run = tiny_dataset.run(loggers=["csv", "mlflow"], mlflow_tracking_uri=uri)
+    out = tmp_path / "runs" / "tiny"
+    started = time.monotonic()
+    code = cli.main(["train", "--name", "tiny", "--run", json.dumps(run),
+                     "--launcher", json.dumps(dataclasses.asdict(tiny_dataset.launcher())),
+                     "--train-manifest", str(tiny_dataset.train_manifest),
+                     "--val-manifest", str(tiny_dataset.val_manifest), "--out-dir", str(out),
+                     "--mlperf", "{}"])
+    assert code == 2
+    assert f"runs.tiny.mlflow_tracking_uri {uri} does not answer" in capsys.readouterr().err
+    assert time.monotonic() - started < 10
+    assert not (out / "jobs").exists()  # nothing was submitted

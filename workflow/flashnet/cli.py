@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (results/runs/<run>)")
     p.add_argument("--settings", type=_json_object, required=True, help="the config's report section (JSON)")
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--partial", action="store_true",
+                   help="report the runs that finished and list the others with why (after a failed job)")
+    p.add_argument("--logs-dir", type=Path, default=Path("results/logs"),
+                   help="the workflow's log folder, named for a run that did not finish (default: results/logs)")
     p.set_defaults(func=_report)
 
     p = commands.add_parser("status", help="where every run of the configuration stands (reads only)")
@@ -232,9 +236,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except USER_ERRORS as error:
-        print(f"flashnet {args.command}: error: {error}", file=sys.stderr)
+        line = f"flashnet {args.command}: error: {error}"
+        print(line, file=sys.stderr)
+        tell_terminal(args, line)
         return 2
+    except Exception as error:  # a bug, or a failure outside the user's input: the traceback goes to the log
+        tell_terminal(args, f"flashnet {args.command}: {type(error).__name__}: {error}"
+                            + (f" (traceback in {args.log_file})" if getattr(args, "log_file", None) else ""))
+        raise
     return result or 0
+
+
+def tell_terminal(args: argparse.Namespace, line: str) -> None:
+    """Also write ``line`` to the progress descriptor where the command has one: a rule sends the
+    command's stderr to its log, and its fd 3 to Snakemake's terminal, so an error raised before any
+    job was submitted is seen there, not only in the log (with or without show-failed-logs)."""
+    fd = getattr(args, "progress_fd", None)
+    if fd is None:
+        return
+    from .watch import open_progress_fd
+
+    stream = open_progress_fd(fd)
+    if stream is not None:
+        stream.write(line + "\n")
+        stream.flush()
 
 
 if __name__ == "__main__":

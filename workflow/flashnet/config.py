@@ -224,6 +224,10 @@ class _RunMethods:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _thawed(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def result_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the result-neutral keys: what decides the run's result."""
+        return {name: value for name, value in self.to_dict().items() if name not in RESULT_NEUTRAL_KEYS}
+
     def replace(self, **changes) -> "RunConfig":
         return type(self).from_dict({**self.to_dict(), **changes}, "run")
 
@@ -294,6 +298,17 @@ class _RunMethods:
             raise ConfigError(
                 f"{where}.bn_span: groups of {group} devices ({self.bn_span} / {per_device} per device) do not "
                 f"divide the world size {self.world_size}")
+
+
+def result_neutral_keys(pointer: str) -> frozenset[str]:
+    """The keys of a schema section marked ``x-result-neutral: true``: they change how a run is
+    logged, fed or checkpointed, never the numbers it computes (the schema is the one list)."""
+    return frozenset(name for name, spec in section(pointer)["properties"].items() if spec.get("x-result-neutral"))
+
+
+# Run keys whose change neither retrains a finished run (the train rule leaves them out of the
+# params Snakemake compares) nor discards an interrupted run's checkpoint.
+RESULT_NEUTRAL_KEYS = result_neutral_keys(RUN)
 
 
 RunConfig = dataclasses.make_dataclass("RunConfig", schema_fields(RUN), bases=(_RunMethods,), frozen=True)

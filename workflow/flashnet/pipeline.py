@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,16 @@ def results(config: dict[str, Any], *parts: str) -> str:
     return str(Path(config["results_dir"], *parts))
 
 
+# Each run's files the workflow asks for. model.pt is among them: Snakemake tolerates a missing
+# file whose consumers are up to date (as it does a removed temp() file), so a model.pt deleted
+# after evaluation would otherwise never be noticed.
+RUN_TARGETS = ("summary.json", "model.pt", "eval.json")
+
+
 def final_outputs(config: dict[str, Any]) -> list[str]:
     outputs = [results(config, "shards", split, "manifest.json") for split in SPLITS]
     for run in config["runs"]:
-        outputs += [results(config, "runs", run, name) for name in ("summary.json", "eval.json")]
+        outputs += [results(config, "runs", run, name) for name in RUN_TARGETS]
     outputs += [results(config, "report", "report.html")]
     return outputs
 
@@ -107,6 +114,23 @@ def dataset_files(config: dict[str, Any]) -> list[str]:
     return [str(data_dir / name) for name in names]
 
 
+def input_listing(config: dict[str, Any], split: str) -> str:
+    """What a listing of the split's image files says (:func:`flashnet.data.sources.listing_fingerprint`):
+    the index rule's tracked param, so adding or removing an image in an extracted or Kaggle layout
+    plans the index and the shards again."""
+    return sources.listing_fingerprint(Path(config["data_dir"]), split)
+
+
+def input_listing_param(config: dict[str, Any]) -> dict[str, Any]:
+    """The index rule's ``listing`` param where the images are files of their own; none for the
+    official layout and the generated sample data (official tars), whose tars are the rule's input
+    files: a param they do not need would only make Snakemake redo the data stage of every results
+    folder written before it existed ("Params have changed")."""
+    if generates_sample_data(config) or not sources.images_are_files(config["data_dir"]):
+        return {}
+    return {"listing": lambda wildcards: input_listing(config, wildcards.split)}
+
+
 def data_dir_of(dataset_files: list[str]) -> str:
     return str(Path(dataset_files[0]).parent)
 
@@ -131,7 +155,14 @@ def run_config(config: dict[str, Any], run: str) -> cfg.RunConfig:
 
 
 def run_json(config: dict[str, Any], run: str) -> str:
+    """Every setting of the run, for ``flashnet train --run``."""
     return json.dumps(run_config(config, run).to_dict(), sort_keys=True)
+
+
+def run_result_json(config: dict[str, Any], run: str) -> str:
+    """The settings that decide the run's result (:data:`flashnet.config.RESULT_NEUTRAL_KEYS` left
+    out): the train rule's tracked param, so adding a logger to a finished run retrains nothing."""
+    return json.dumps(run_config(config, run).result_dict(), sort_keys=True)
 
 
 def mlperf_json(config: dict[str, Any]) -> str:
@@ -269,3 +300,48 @@ def pass_forced_flags(workflow: Any) -> None:
 def executor_name(workflow: Any) -> str | None:
     plugin = getattr(workflow, "executor_plugin", None)
     return getattr(plugin, "name", None)
+
+
+# --------------------------------------------------------------------------- after a failed job
+
+
+def report_what_finished(config: dict[str, Any], workflow: Any) -> None:
+    """Snakemake's ``onerror`` hook: under --keep-going, build results/report/ from the runs that
+    finished, listing the others with why.
+
+    Snakemake never runs a job whose inputs failed, so one failed run would leave every other run
+    of a sweep without a report. Without --keep-going the invocation stopped at the first failure
+    and other runs may not have been tried, so nothing is reported then (a line says how to get a
+    report). The partial report's files are dated before its inputs, so the next invocation
+    builds the report again whatever it does (finishes the failed runs, or drops them from the config).
+    """
+    settings = getattr(workflow, "execution_settings", None)
+    if not getattr(settings, "keep_going", False):
+        print("flashnet: no report, as a job failed; with --keep-going the runs that finish are reported "
+              "and the failed ones listed", file=sys.stderr)
+        return
+    from .report import build, runs as report_runs
+
+    folders = [Path(results(config, "runs", run)) for run in config["runs"]]
+    finished = [folder for folder in folders if report_runs.is_finished(folder)]
+    if not finished or len(finished) == len(folders):
+        return  # no run to report, or every run finished and the report rule itself is what failed
+    out_dir = Path(results(config, "report"))
+    try:
+        files = build.build_report(folders, config["report"], out_dir, partial=True,
+                                   logs_dir=Path(results(config, "logs")))
+    except Exception as error:  # a hook must not hide the failure that called it
+        print(f"flashnet: no report of the runs that finished: {error}", file=sys.stderr)
+        return
+    date_before_inputs(list(files.values()), finished)
+    missing = [folder.name for folder in folders if folder not in finished]
+    print(f"flashnet: report of the {len(finished)} run(s) that finished → {files[build.HTML_FILE]}; "
+          f"without results: {', '.join(missing)} (listed there with why)", file=sys.stderr)
+
+
+def date_before_inputs(files: list[Path], run_folders: list[Path]) -> None:
+    """Set ``files``' times to before every file in ``run_folders``, so Snakemake (whose rerun
+    triggers compare times) sees the report older than its inputs and builds it again."""
+    oldest = min(path.stat().st_mtime for folder in run_folders for path in folder.iterdir() if path.is_file())
+    for path in files:
+        os.utime(path, (oldest - 1, oldest - 1))

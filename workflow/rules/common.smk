@@ -30,3 +30,9 @@ def final_outputs():
 # is read.
 onstart:
     pipeline.pass_forced_flags(workflow)
+
+
+# A failed job under --keep-going: report the runs that finished, the others listed with why
+# (Snakemake skips the report rule, whose inputs include the failed run's files).
+onerror:
+    pipeline.report_what_finished(config, workflow)

@@ -33,6 +33,10 @@ rule index_split:
         data_dir=lambda wildcards, input: pipeline.data_dir_of(input),
         samples_per_shard=config["shards"]["samples_per_shard"],
         seed=config["shards"]["seed"],
+        # One-file-per-image layouts: the split's files, listed (count and hash of names and folder
+        # times); a changed listing reruns the index, and so the shards. The input folders alone miss
+        # files added to a class folder. None for the official tars, which are the input files.
+        **pipeline.input_listing_param(config),
     conda:
         "../../envs/data.yaml"
     resources:

@@ -20,7 +20,12 @@ rule train:
     benchmark:
         f"{BENCHMARKS}/train/{{run}}.tsv"
     params:
-        run=lambda wildcards: pipeline.run_json(config, wildcards.run),
+        # What decides the result: Snakemake reruns the job when it changes ("Params have changed").
+        result=lambda wildcards: pipeline.run_result_json(config, wildcards.run),
+        # Every setting, for the command. A param computed from `output` is one Snakemake does not
+        # compare between runs (a "derived" param), so a result-neutral key (loggers, tracker
+        # settings, log_every_steps, loader_workers, checkpoint_every_steps) changes no plan.
+        run=lambda wildcards, output: pipeline.run_json(config, wildcards.run),
         mlperf=pipeline.mlperf_json(config),
         launcher=lambda wildcards, resources: pipeline.train_launcher_json(
             config, wildcards.run, resources, pipeline.executor_name(workflow)

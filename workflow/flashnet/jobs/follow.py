@@ -108,8 +108,49 @@ def wait(job, poll_s: float, progress: ProgressLines | None = None) -> Any:
     try:
         results = job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
-        raise JobFailed(f"job {job.job_id} ({snapshot.state}) failed:\n{error}\n{job_logs(job)}; {RERUN}") from None
+        why = ending_without_result(job)
+        raise JobFailed(f"job {job.job_id} ({snapshot.state}) failed:{' ' + why if why else ''}\n{error}\n"
+                        f"{job_logs(job)}; {RERUN}") from None
     return results[0]
+
+
+def silent_tasks(job) -> list[int]:
+    """The tasks that left no result: submitit writes one for every task whose Python code returned
+    or raised, so a task without one was killed (a signal: kill -9, the out-of-memory killer, a
+    lost node) or exited outside Python (os._exit, a crash in native code)."""
+    return [i for i in range(job.num_tasks) if not job.task(i).paths.result_pickle.exists()]
+
+
+def describe_exit_code(exit_code: str) -> str:
+    """SLURM's ``ExitCode`` (``code:signal``) in words: "killed by signal 9 (SIGKILL)", "exit code 1", or ""."""
+    code, _, number = exit_code.partition(":")
+    if number.isdigit() and int(number):
+        try:
+            name = f" ({signal.Signals(int(number)).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {number}{name}"
+    if code.isdigit() and int(code) > 128:  # a shell's report of a task killed by signal code - 128
+        return describe_exit_code(f"0:{int(code) - 128}")
+    return f"exit code {code}" if code.isdigit() and int(code) else ""
+
+
+def ending_without_result(job) -> str:
+    """Why a job whose tasks raised no exception ended, as far as the scheduler knows: the tasks
+    without a result, and under SLURM the exit code or signal sacct recorded ("" if nothing is known)."""
+    silent = silent_tasks(job)
+    if not silent:
+        return ""  # every task raised or returned: the exception in the message says why
+    named = ", ".join(map(str, silent))
+    said = f"task{'s' if len(silent) > 1 else ''} {named} of {job.num_tasks} ended without a result"
+    if is_slurm(job):
+        runs = slurm.attempts(job.job_id) or []
+        codes = [*slurm.step_exit_codes(job.job_id), *(run.exit_code for run in runs[-1:])]
+        words = [describe_exit_code(code) for code in codes]
+        # A signal on a step (the task's own) says more than the allocation's exit code.
+        code = next((w for w in words if w.startswith("killed")), next((w for w in words if w), ""))
+        return f"{said}: {code}" if code else f"{said} (killed, or exited outside Python)"
+    return f"{said}: killed by a signal (kill -9, the out-of-memory killer) or exited outside Python"
 
 
 def cancel(job) -> None:

@@ -70,6 +70,17 @@ def attempts(job_id: str, timeout_s: float = 60.0) -> list[Attempt] | None:
     return None if proc is None else parse_sacct(proc.stdout, job_id)
 
 
+def step_exit_codes(job_id: str, timeout_s: float = 60.0) -> list[str]:
+    """The ExitCode (``code:signal``) of each step of the job's latest run, as sacct records them
+    (steps are where a task's signal shows: a task killed by SIGKILL is ``0:9`` on its step, while
+    the allocation says ``9:0``); [] where sacct cannot answer."""
+    proc = _client("sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", str(job_id), timeout_s=timeout_s)
+    if proc is None:
+        return []
+    rows = [line.split("|") for line in proc.stdout.splitlines()]
+    return [row[1] for row in rows if len(row) == 2 and row[0].startswith(f"{job_id}.")]
+
+
 def job_state(job_id: str) -> str | None:
     """The job's state as slurmctld sees it now (sacct lags it by seconds); None once the controller
     has forgotten the job (MinJobAge after its end)."""

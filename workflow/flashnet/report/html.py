@@ -14,9 +14,10 @@ from pathlib import Path
 from . import projection as proj
 from .plots import FIGURE_TITLES
 from .references import PUBLISHED_LABEL, REFERENCES
-from .runs import RunResults
+from .runs import RunResults, UnfinishedRun
 from .mlperf import COMPARABLE_ONLY, RCP_NOTE, TIME_TO_TRAIN_NOTE, rcp_table
-from .summary import TIMING_NOTE, recipe_table, references_table, software_table, summary_table, timing_table
+from .summary import (TIMING_NOTE, UNFINISHED_NOTE, recipe_table, references_table, software_table, summary_table,
+                      timing_table, unfinished_table)
 from .tables import Table
 
 # Sections in page order: (id, heading, figures shown in it).
@@ -122,9 +123,17 @@ def figure_html(name: str, png: Path) -> str:
             f"<figcaption>{escape(FIGURE_CAPTIONS[name])}</figcaption></figure>")
 
 
-def runs_section_body(runs: list[RunResults]) -> str:
+def unfinished_html(unfinished: list[UnfinishedRun]) -> str:
+    if not unfinished:
+        return ""
+    return (f'<h3 id="unfinished">Runs without results ({len(unfinished)})</h3>' + html_table(unfinished_table(unfinished))
+            + f'<p class="note">{escape(UNFINISHED_NOTE)}</p>')
+
+
+def runs_section_body(runs: list[RunResults], unfinished: list[UnfinishedRun] = ()) -> str:
     return (
-        html_table(summary_table(runs))
+        unfinished_html(unfinished)
+        + html_table(summary_table(runs))
         + '<p class="note">Top-1 and top-5: final evaluation of the last checkpoint on every validation image '
           "exactly once (eval.json). Time to target: training time until the first validation (after each of the "
           "run's eval epochs) that reached the run's target, on the train time's clock; images/s is over training "
@@ -184,10 +193,11 @@ def projection_section_body(projections: list[proj.Projection], settings: proj.P
 
 
 def render_report(runs: list[RunResults], projections: list[proj.Projection], settings: proj.ProjectionSettings,
-                  figures: dict[str, Path], generated_at: datetime.datetime) -> str:
+                  figures: dict[str, Path], generated_at: datetime.datetime,
+                  unfinished: list[UnfinishedRun] = ()) -> str:
     """The whole page as a string."""
     bodies = {
-        "runs": runs_section_body(runs),
+        "runs": runs_section_body(runs, unfinished),
         "references": references_section_body(),
         "projection": projection_section_body(projections, settings),
     }
@@ -197,7 +207,8 @@ def render_report(runs: list[RunResults], projections: list[proj.Projection], se
         sections.append(f'<section id="{section_id}"><h2>{escape(heading)}</h2>{body}</section>')
     nav = "".join(f'<a href="#{section_id}">{escape(heading)}</a>' for section_id, heading, _ in SECTIONS)
     hardware = sorted({f"{run.summary['device_name']} ({run.summary['accelerator']})" for run in runs})
-    subtitle = (f"{len(runs)} run{'s' if len(runs) != 1 else ''} on {', '.join(hardware)} · "
+    of_total = f" of {len(runs) + len(unfinished)}" if unfinished else ""
+    subtitle = (f"{len(runs)}{of_total} run{'s' if len(runs) + len(unfinished) != 1 else ''} on {', '.join(hardware)} · "
                 f"generated {generated_at:%Y-%m-%d %H:%M} UTC")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -172,6 +172,55 @@ def load_run(folder: str | Path) -> RunResults:
     )
 
 
+# Why a run stopped, written into its folder by the job layer: {"kind": "diverged" | "failed", "message": ...}
+FAILURE_FILE = "failure.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class UnfinishedRun:
+    """A run the report lists without results: its name and why it has none."""
+
+    name: str
+    reason: str
+
+
+def is_finished(folder: Path) -> bool:
+    """Whether training and evaluation both finished: summary.json says finished, eval.json exists.
+    (Whether their contents are sound is :func:`load_run`'s to check.)"""
+    try:
+        finished = json.loads((folder / SUMMARY_FILE).read_text()).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+    return finished and (folder / EVAL_FILE).is_file()
+
+
+def unfinished_reason(folder: Path, logs_dir: Path) -> str:
+    """One line on why a run has no results: the run's own failure.json where the job wrote one,
+    else which stage stopped and the log that says why."""
+    name = folder.name
+    try:
+        failure = json.loads((folder / FAILURE_FILE).read_text())
+        kind, message = failure.get("kind", "failed"), " ".join(str(failure.get("message", "")).split())
+        return f"{kind}: {message}" if message else str(kind)
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        trained = json.loads((folder / SUMMARY_FILE).read_text()).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        trained = False
+    if not trained:
+        return f"failed (see {Path(logs_dir) / 'train' / f'{name}.log'})"
+    return f"evaluation failed (see {Path(logs_dir) / 'evaluate' / f'{name}.log'})"
+
+
+def split_finished(folders: list[Path], logs_dir: Path) -> tuple[list[Path], list[UnfinishedRun]]:
+    """The folders of finished runs, and the others with the reason each has no results."""
+    finished = [Path(folder) for folder in folders if is_finished(Path(folder))]
+    unfinished = [UnfinishedRun(Path(folder).name, unfinished_reason(Path(folder), logs_dir))
+                  for folder in folders if not is_finished(Path(folder))]
+    return finished, unfinished
+
+
 def load_runs(folders: list[Path]) -> list[RunResults]:
     """Every run, in the order given; DataError on the first bad one, or on a run named twice."""
     runs = [load_run(folder) for folder in folders]

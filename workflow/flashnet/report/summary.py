@@ -14,7 +14,7 @@ from .mlperf import (COMPARABLE_ONLY, MLPERF_CSV_COLUMNS, RCP_NOTE, TIME_TO_TRAI
                      format_division, mlperf_csv_fields, rcp_table)
 from .plots import FIGURE_TITLES
 from .references import PUBLISHED_LABEL, REFERENCES
-from .runs import RunResults
+from .runs import RunResults, UnfinishedRun
 from .tables import (Table, format_count, format_duration, format_percent, format_published_duration,
                      format_published_percent, format_rate, format_time_to_target, markdown_table)
 
@@ -154,19 +154,32 @@ def references_table() -> Table:
                  numeric=(False, True, True, True, True, False))
 
 
+UNFINISHED_NOTE = ("These runs have no results in this report; rerun the workflow to finish them (an "
+                   "interrupted run resumes from its checkpoint).")
+
+
+def unfinished_table(unfinished: list[UnfinishedRun]) -> Table:
+    """The runs of the config without results, and why (failure.json, or the log to read)."""
+    return Table(("Run", "Why it has no results"), tuple((run.name, run.reason) for run in unfinished), (False, False))
+
+
 def figure_markdown() -> str:
     return "\n".join(f"![{title}]({name}.png)\n" for name, title in FIGURE_TITLES.items())
 
 
 def summary_markdown(runs: list[RunResults], projections: list[proj.Projection], settings: proj.ProjectionSettings,
-                     generated_at: datetime.datetime) -> str:
-    """summary.md: runs, software, figures, published reference points and the projection."""
+                     generated_at: datetime.datetime, unfinished: list[UnfinishedRun] = ()) -> str:
+    """summary.md: runs (and the runs without results, with why), software, figures, published
+    reference points and the projection."""
+    missing = [f"### Runs without results ({len(unfinished)})\n", markdown_table(unfinished_table(unfinished)),
+               UNFINISHED_NOTE + "\n"] if unfinished else []
+    of_total = f" of {len(runs) + len(unfinished)}" if unfinished else ""
     parts = [
         "# flashnet report\n",
-        f"Generated {generated_at:%Y-%m-%d %H:%M} UTC from {len(runs)} run(s). Top-1/top-5 are from the final "
+        f"Generated {generated_at:%Y-%m-%d %H:%M} UTC from {len(runs)}{of_total} run(s). Top-1/top-5 are from the final "
         "evaluation (eval.json: every validation image once); time to target is training time until the "
         "first validation (after each of the run's eval epochs) that reached its target top-1.\n",
-        "## Runs\n", markdown_table(summary_table(runs)), TIME_TO_TRAIN_NOTE + "\n",
+        "## Runs\n", *missing, markdown_table(summary_table(runs)), TIME_TO_TRAIN_NOTE + "\n",
         "### Where the training time went\n", markdown_table(timing_table(runs)), TIMING_NOTE + "\n",
         "### Recipe and hardware\n", markdown_table(recipe_table(runs)),
         "### Software\n", markdown_table(software_table(runs)),

@@ -29,7 +29,7 @@ from . import checkpoints
 from .callbacks import Preempted, StopRequest
 from .recipe import TrainSpec, train
 from .schedule import run_steps_per_epoch
-from .trackers import TRACKER_KEYS, require_packages
+from .trackers import TRACKER_KEYS, check_trackers
 from .trainer import resolve_accelerator
 
 
@@ -102,7 +102,7 @@ def train_from_cli(args: argparse.Namespace) -> None:
     run = RunConfig.from_dict(args.run, args.name)
     launcher = LauncherConfig.from_dict(args.launcher)
     check_before_submitting(run, launcher, args.train_manifest, args.val_manifest)
-    require_packages(run, args.name)
+    check_trackers(run, args.name)  # packages installed, servers answering: fail in seconds, not in the job
     spec = TrainSpec(args.name, run.to_dict(), str(args.train_manifest.resolve()), str(args.val_manifest.resolve()),
                      str(args.out_dir.resolve()), launcher, mlperf=MlperfConfig.from_dict(args.mlperf).to_dict())
     progress = ProgressLines(f"train {args.name}", open_progress_fd(args.progress_fd), args.out_dir, run.epochs,

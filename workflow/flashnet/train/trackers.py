@@ -55,6 +55,67 @@ def require_packages(run: RunConfig, name: str) -> None:
                               f"install it with: pip install 'flashnet[{EXTRA}]'") from None
 
 
+# Seconds a tracker has to answer before submission. A reachable server answers in milliseconds;
+# inside the job an unanswered MLflow URI held the allocation ~4.5 min (its HTTP retries) and W&B
+# online without network ~2 min before failing (issue 22, case 6).
+ANSWER_TIMEOUT_S = 5.0
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+
+
+def check_trackers(run: RunConfig, name: str, timeout_s: float | None = None) -> None:
+    """Before submission, on the submitting host: every configured tracker's package is installed,
+    a remote MLflow server answers, and W&B online has credentials and its server answers. Fails in
+    seconds with a ConfigError naming the key and the URL, instead of minutes into the allocation."""
+    require_packages(run, name)
+    timeout_s = ANSWER_TIMEOUT_S if timeout_s is None else timeout_s
+    if "mlflow" in run.loggers and is_http_url(run.mlflow_tracking_uri):
+        require_answer(run.mlflow_tracking_uri, f"runs.{name}.mlflow_tracking_uri", timeout_s)
+    if "wandb" in run.loggers and run.wandb_mode == "online":
+        url = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+        require_wandb_credentials(url, f"runs.{name}.wandb_mode")
+        require_answer(url, f"runs.{name}.wandb_mode: online, but the W&B server", timeout_s)
+
+
+def is_http_url(uri: str | None) -> bool:
+    return bool(uri) and uri.split("://", 1)[0].lower() in ("http", "https")
+
+
+def require_answer(url: str, what: str, timeout_s: float) -> None:
+    """An HTTP GET of ``url`` gets an answer (any status: 401 or 404 still shows a server there)
+    within ``timeout_s``; else ConfigError naming ``url``."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"{what} {url} does not answer ({reason}; waited at most {timeout_s:g} s); "
+                          "start it, correct the URL, or drop the tracker from loggers") from None
+
+
+def require_wandb_credentials(url: str, key: str) -> None:
+    """W&B online needs an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes for the
+    server's host (wandb reads ~/.netrc, or the file NETRC names)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        if netrc.netrc(str(path)).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(f"{key}: online, but no W&B credentials for {host}: neither WANDB_API_KEY is set nor "
+                      f"{path} has an entry for it; run `wandb login`, or set wandb_mode: offline")
+
+
 def default_mlflow_uri(out_dir: Path) -> str:
     """``results/mlruns`` for a run folder ``results/runs/<name>``: one file store for all runs."""
     return (Path(out_dir).resolve().parent.parent / "mlruns").as_uri()
