@@ -14,7 +14,7 @@ def row(config, loop, rate, **settings):
 
 
 def test_smoke_rows_hold_positive_consistent_numbers(smoke):
-    _, report, _ = smoke
+    _, report, _, _ = smoke
     batch = report["scale"]["batch_size"]
     for result in report["results"]:
         where = (result["config"], result["loop"])
@@ -33,7 +33,7 @@ def test_smoke_rows_hold_positive_consistent_numbers(smoke):
 
 
 def test_smoke_pipeline_configurations_read_the_generated_shards(smoke):
-    _, report, _ = smoke
+    _, report, _, _ = smoke
     rows = {(result["config"], result["loop"]): result for result in report["results"]}
     assert rows[("3", "manual")]["settings"]["data"] == "shards-cpu"
     assert rows[("4", "fit")]["settings"]["data"] == "shards-gpu"
