@@ -119,7 +119,7 @@ grep -q "resuming from" "$RESULTS/train-bf16.log" || fail "the second bf16 attem
 cp "$WORK/runs/bf16/summary.json" "$RESULTS/summary-bf16.json"
 
 # --- fp16 with nvJPEG decoding (CPU decoding in the dry run) ------------------------------------------
-RUN_FP16=$(run_json "$FP16" "$DECODE" false 1) || fail "fp16 run settings"
+RUN_FP16=$(run_json "$FP16" "$DECODE" false 2) || fail "fp16 run settings"
 say "train fp16 ($FP16, decode_device $DECODE)"
 train fp16 "$RUN_FP16" $(($(left) / 2)) || fail "fp16 run (train-fp16.log)"
 cp "$WORK/runs/fp16/summary.json" "$RESULTS/summary-fp16.json"

@@ -161,9 +161,11 @@ def decode_jpegs_on_device(jpegs: tuple[torch.Tensor, ...], boxes: torch.Tensor,
     if device.type != "cuda":
         images = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
         return crop_resize_flip(images, boxes, flips, size)
+    # No wait for the compute stream before decoding: the inputs are host memory, and the caching
+    # allocator hands a stream only blocks allocated on that stream, so nothing here can overwrite
+    # what the queued compute still reads.
     compute = torch.cuda.current_stream(device)
     side = _decode_stream(device)
-    side.wait_stream(compute)  # memory the compute stream freed may be reused here only after it is done
     with torch.cuda.stream(side):
         # RGB mode: a greyscale JPEG would otherwise come back with one channel.
         images = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
@@ -239,6 +241,7 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: tor
     groups = size_groups(sizes)
     order = torch.tensor([i for group in groups for i in group], dtype=torch.int64)
     table = table[order].to(device, non_blocking=True)  # rows in group order: each group a contiguous slice
+    destination = order.to(device, non_blocking=True)
     resized = torch.empty((count, 3, size, size), dtype=torch.float32, device=device)
     first = 0
     for group in groups:
@@ -254,7 +257,7 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: tor
         rois = torch.stack([torch.arange(len(group), device=device, dtype=torch.float32),
                             torch.zeros(len(group), device=device), torch.zeros(len(group), device=device),
                             w.float(), h.float()], dim=1)
-        resized[order[first:first + len(group)].to(device, non_blocking=True)] = roi_align(
+        resized[destination[first:first + len(group)]] = roi_align(
             padded, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         first += len(group)
     flip = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
