@@ -183,7 +183,9 @@ def run_off_image(tmp_path, *command: str) -> tuple[subprocess.CompletedProcess,
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCKER)
     refused = tmp_path / "refused.log"
-    env = {**os.environ, "FLASHNET_BLOCKED_MODULES": json.dumps(sorted(blocked)), "FLASHNET_REFUSED_LOG": str(refused),
+    # Not the process group address of a DDP run earlier in this pytest process (the bench's own tests).
+    inherited = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    env = {**inherited, "FLASHNET_BLOCKED_MODULES": json.dumps(sorted(blocked)), "FLASHNET_REFUSED_LOG": str(refused),
            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "workflow"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
     return done, set(refused.read_text().split()) if refused.exists() else set()

@@ -5,6 +5,7 @@ generated shards) and writes its JSON; without a GPU and without --smoke it expl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -100,7 +101,8 @@ def test_markdown_table_has_a_row_per_result_and_says_where_it_ran(smoke):
 
 
 def test_a_spent_time_budget_writes_the_remaining_rows_as_skipped(tmp_path, capsys):
-    assert cli.main(["--smoke", "--configs", "5,1", "--time-budget", "0", "--out", str(tmp_path)]) == 0
+    assert cli.main(["--smoke", "--configs", "5,1", "--batch-sizes", "32", "--time-budget", "0",
+                     "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert [(r["config"], r["loop"], r["status"]) for r in report["results"]] == [
         ("5", "manual", "skipped"), ("1", "manual", "skipped"), ("1", "fit", "skipped")]
@@ -111,3 +113,10 @@ def test_out_defaults_to_the_device_machines_OUT_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert cli.output_paths(cli.parse_args([]).out) == (tmp_path / "gpu.json", tmp_path / "gpu.md")
     assert cli.output_paths(tmp_path / "r.json") == (tmp_path / "r.json", tmp_path / "r.md")
+
+
+def test_the_run_leaves_no_process_group_or_address_behind(smoke):
+    """The fit loops' DDP group (world size 1) ends with the run: nothing in this process or its
+    children finds its port taken afterwards."""
+    assert not torch.distributed.is_initialized()
+    assert "MASTER_PORT" not in os.environ

@@ -182,6 +182,27 @@ def quiet_lightning():
 
 
 @contextlib.contextmanager
+def own_process_group():
+    """The world-size-1 process group the fit loops' DDP starts (Lightning keeps it until the process
+    exits, and leaves its address in MASTER_ADDR/MASTER_PORT) ends with the run: a later run or a
+    test in the same process, or a child it starts, would otherwise find the port taken."""
+    import torch.distributed as dist
+
+    before = dist.is_available() and dist.is_initialized()
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    try:
+        yield
+    finally:
+        if not before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def torch_threads(count: int | None):
     """``torch.set_num_threads(count)`` for the block (no change for None)."""
     previous = torch.get_num_threads()
@@ -206,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print("flashnet bench gpu: no CUDA device here. This benchmark measures GPU training throughput; run it on a "
               "GPU machine (docs/benchmarks/gpu.md), or pass --smoke to exercise its code on the CPU.", file=sys.stderr)
         return 2
-    with quiet_lightning(), torch_threads(threads):
+    with quiet_lightning(), torch_threads(threads), own_process_group():
         report = run_benchmark(args, scale_for(args), device)
     print(format_table(report))
     # A skipped configuration (no shards given) is the caller's choice; a failed one is an error.
