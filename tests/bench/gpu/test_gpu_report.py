@@ -15,13 +15,14 @@ def row(config, loop, rate, **settings):
 
 
 def test_smoke_table_has_a_line_per_row_and_the_goals(smoke):
-    _, report, table = smoke
+    _, report, table, _ = smoke
     lines = table.splitlines()
     for result in report["results"]:
-        assert any(line.split()[:2] == [result["config"], result["loop"]] for line in lines), (result["config"],
-                                                                                               result["loop"])
-    assert "Lightning overhead" in table
-    assert set(report["lightning_overhead"]) == {c.id for c in CONFIGS.values() if c.kind == "project"}
+        assert any(line.split()[:3] == [result["config"], "2", result["loop"]] for line in lines), (result["config"],
+                                                                                                    result["loop"])
+    assert "batch 2: Lightning overhead" in table
+    assert set(report["lightning_overhead"]["2"]) == {c.id for c in CONFIGS.values() if c.kind == "project"}
+    assert {goal["batch_size"] for goal in report["goals"]} == {2}
     assert [goal["goal"].split(" (")[0] for goal in report["goals"]] == [
         "project step", "shards", "shards", "best end-to-end images/s"]
 

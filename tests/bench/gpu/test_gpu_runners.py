@@ -14,7 +14,7 @@ def row(config, loop, rate, **settings):
 
 
 def test_smoke_rows_hold_positive_consistent_numbers(smoke):
-    _, report, _ = smoke
+    _, report, _, _ = smoke
     batch = report["scale"]["batch_size"]
     for result in report["results"]:
         where = (result["config"], result["loop"])
@@ -33,12 +33,14 @@ def test_smoke_rows_hold_positive_consistent_numbers(smoke):
 
 
 def test_smoke_pipeline_configurations_read_the_generated_shards(smoke):
-    _, report, _ = smoke
+    _, report, _, _ = smoke
     rows = {(result["config"], result["loop"]): result for result in report["results"]}
     assert rows[("3", "manual")]["settings"]["data"] == "shards-cpu"
     assert rows[("4", "fit")]["settings"]["data"] == "shards-gpu"
-    # configurations 3 and 4 use the compile mode of the fastest compiled synthetic configuration
-    assert rows[("3", "fit")]["settings"]["compile"] == pipeline_compile_mode("auto", report["results"])
+    # configurations 3 and 4 compile as `compile: true` does (--pipeline-compile-mode default)
+    assert rows[("3", "fit")]["settings"]["compile"] == "default"
+    assert rows[("4", "fit")]["settings"]["strategy"] == "ddp (1 process, gloo)"
+    assert rows[("3", "fit")]["settings"]["page_cache"].startswith("asked (posix_fadvise")
 
 
 def test_pipeline_compile_mode_is_the_fastest_compiled_synthetic_one_through_fit():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,3 +65,32 @@ def resolve_shards(args: argparse.Namespace, scale: Scale, configs: list[BenchCo
               file=sys.stderr, flush=True)
         make_sample_shards(manifest, args.make_shards, scale.smoke)
     return manifest_shards(manifest)
+
+
+def drop_page_cache(paths: tuple[str, ...], use_drop_caches: bool = True) -> str:
+    """Evict ``paths`` from the page cache so the next read comes from the disk, and say how.
+
+    As root, ``echo 3 > /proc/sys/vm/drop_caches`` after a ``sync`` drops the whole cache (the
+    kernel's documented interface, Documentation/admin-guide/sysctl/vm.rst). Otherwise (or where
+    /proc/sys is read-only, as in many containers) ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each
+    file asks the kernel to drop its clean pages; the kernel may keep some, and a sandboxed kernel
+    (gVisor) may ignore it, so that result reads "asked". Only the first pass over the shards is
+    cold: a data configuration that times more batches than the shards hold reads them again warm.
+    ``use_drop_caches=False`` (the smoke run on a shared machine) only asks per file."""
+    reason = "drop_caches not used"
+    if use_drop_caches:
+        os.sync()
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            return "dropped (drop_caches)"
+        except OSError as error:
+            reason = f"drop_caches: {error.strerror or error}"
+    if not hasattr(os, "posix_fadvise"):
+        return f"warm: cannot drop the page cache ({reason}; no posix_fadvise)"
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return f"asked (posix_fadvise DONTNEED per shard; {reason})"

@@ -17,16 +17,23 @@ def manual_project_step(module, optimizer, scheduler, precision: str, device: to
                         optimizer_timer: RegionTimer):
     """One training step in a hand-written loop, in the order Lightning's automatic optimization
     runs it: training_step under autocast, zero_grad, backward, optimizer.step, then the per-step
-    scheduler."""
+    scheduler. fp16 (``16-mixed``) scales the loss with a GradScaler, as Lightning's precision plugin does."""
     autocast = autocast_for(precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
     def step(batch, index: int) -> None:
         with autocast:
             loss = module.training_step(batch, index)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with optimizer_timer.region():
-            optimizer.step()
+        if scaler is None:
+            loss.backward()
+            with optimizer_timer.region():
+                optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            with optimizer_timer.region():
+                scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
 
     return step
@@ -105,18 +112,33 @@ def fit_window_callback(warmup: int, steps: int, device: torch.device, compile_m
     return TimedWindow()
 
 
+def ddp_strategy(precision: str, device: torch.device):
+    """DDP as a run of several processes gets it from train/trainer.py's build_trainer: NCCL on GPUs
+    (gloo on the CPU), the 16-bit gradient all-reduce hook of mixed precision. Here with one process
+    (world size 1): the DDP wrapper, its bucketed all-reduce and the hook still run every step, which
+    is what each of a record run's processes pays besides the network."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from flashnet.train.trainer import gradient_compression_hook
+
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+                       ddp_comm_hook=gradient_compression_hook(precision, accelerator))
+
+
 def run_fit_loop(module, loader: Iterable, precision: str, warmup: int, steps: int, device: torch.device,
-                 compile_mode: str | None, root: Path) -> Timing:
-    """The module through ``Trainer.fit``, configured as recipe.py configures it for one device,
-    without its file-writing callbacks (records, checkpoints, progress lines)."""
+                 compile_mode: str | None, root: Path, callbacks: list | None = None) -> Timing:
+    """The module through ``Trainer.fit`` as recipe.py trains it: DDP (one process, this device), the
+    run's per-step ``callbacks`` (project.run_callbacks), the run's precision."""
     import pytorch_lightning as pl
 
     window = fit_window_callback(warmup, steps, device, compile_mode)
     trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        max_epochs=1, max_steps=warmup + steps, callbacks=[window], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        use_distributed_sampler=False, default_root_dir=root,
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=ddp_strategy(precision, device),
+        precision=precision, max_epochs=1, max_steps=warmup + steps, callbacks=[*(callbacks or []), window],
+        logger=False, enable_checkpointing=callbacks is not None, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        default_root_dir=root,
     )
     module.first_nonfinite_step.fill_(-1)
     trainer.fit(module, train_dataloaders=loader)

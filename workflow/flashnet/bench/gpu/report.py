@@ -66,12 +66,18 @@ def _number(value: float | None, spec: str, scale: float = 1.0) -> str:
     return format(value * scale if scale != 1.0 else value, spec)
 
 
-def format_table(report: dict[str, Any]) -> str:
+def rows_of_batch(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """The rows measured at one per-device batch size (goals and overheads compare within one)."""
+    return [row for row in rows if row.get("batch_size") == batch_size]
+
+
+def header_lines(report: dict[str, Any]) -> list[str]:
+    """Machine, versions, date, problem size and the matmul ceiling: what every figure depends on."""
     machine, scale = report["machine"], report["scale"]
     lines = []
     if report["smoke"]:
-        lines.append("SMOKE RUN (CPU, tiny model, bf16 configurations in 32-true): checks the code paths; "
-                     "these numbers are NOT performance figures.")
+        lines.append("SMOKE RUN (CPU, tiny model, bf16/fp16 configurations in 32-true, batch sizes a sixteenth): "
+                     "checks the code paths; these numbers are NOT performance figures.")
     if machine["device"] == "cuda":
         lines.append(f"GPU: {machine['gpu']} ({machine['gpu_multiprocessors']} SMs, {machine['gpu_memory_gib']} GiB), "
                      f"driver {machine['driver']}, power limit {machine['gpu_power_limit_w']} W, CUDA {machine['cuda']}, "
@@ -79,38 +85,80 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"host: {machine['host_cpu']}, {machine['host_cores']} cores; torch {machine['torch']}, "
                  f"torchvision {machine['torchvision']}, pytorch-lightning {machine['pytorch_lightning']}; "
                  f"{machine['date']}")
-    lines.append(f"{scale['model']} at {scale['image_size']} px, batch {scale['batch_size']}, {scale['steps']} timed steps "
-                 f"after {scale['warmup']} warm-up (data configs: see 'warm-up' in the JSON)")
+    lines.append(f"{scale['model']} at {scale['image_size']} px, per-device batch "
+                 f"{', '.join(map(str, report['batch_sizes']))}, {scale['steps']} timed steps after {scale['warmup']} "
+                 "warm-up (data configs: see 'warmup' in the JSON)")
+    end = report.get("matmul_tflops_end")
     lines.append(f"{report['matmul_dtype']} matmul {scale['matmul_size']}^3: {report['matmul_tflops_start']:.4g} TFLOP/s "
-                 f"at the start, {report['matmul_tflops_end']:.4g} at the end")
+                 f"at the start, " + (f"{end:.4g} at the end" if end is not None else "run not finished"))
     lines.append(f"FLOP per image: {report['flop_per_image'] / 1e9:.2f} G = {report['flop_per_image_source']}")
+    return lines
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = header_lines(report)
     lines.append("")
-    header = (f"{'cfg':<4}{'loop':<8}{'images/s':>10}{'ms/step':>9}{'TFLOP/s':>9}{'%matmul':>8}{'optim%':>8}"
+    header = (f"{'cfg':<4}{'batch':>6} {'loop':<8}{'images/s':>10}{'ms/step':>9}{'TFLOP/s':>9}{'%matmul':>8}{'optim%':>8}"
               f"{'wait%':>7}{'syncs':>6}{'GiB':>6}  what")
     lines.append(header)
     for row in report["results"]:
+        batch = row.get("batch_size")
         if row["status"] != "ok":
-            lines.append(f"{row['config']:<4}{row['loop']:<8}{row['status'].upper():>10}  {row['title']}: {row['error']}")
+            lines.append(f"{row['config']:<4}{batch or '-':>6} {row['loop']:<8}{row['status'].upper():>10}  "
+                         f"{row['title']}: {row['error']}")
             continue
         lines.append(
-            f"{row['config']:<4}{row['loop']:<8}{row['images_per_s']:>10.1f}{row['ms_per_step']:>9.2f}"
+            f"{row['config']:<4}{batch:>6} {row['loop']:<8}{row['images_per_s']:>10.1f}{row['ms_per_step']:>9.2f}"
             f"{_number(row['tflops'], '9.2f')}{_number(row['fraction_of_matmul'], '8.1f', 100)}"
             f"{_number(row['optimizer_share'], '8.1f', 100)}{_number(row['data_wait_share'], '7.1f', 100)}"
             f"{_number(row['host_syncs_per_step'], '6d')}{_number(row['peak_memory_gib'], '6.1f')}  {row['title']}"
             + ("" if row["loss_finite"] in (None, True) else "  [loss went non-finite]")
         )
-    if report["lightning_overhead"]:
-        lines.append("")
-        lines.append("Lightning overhead (1 - fit/manual): " + ", ".join(
-            f"{config}: {share * 100:+.1f}%" for config, share in report["lightning_overhead"].items()))
+    for batch, overhead in (report.get("lightning_overhead") or {}).items():
+        if overhead:
+            lines.append("")
+            lines.append(f"batch {batch}: Lightning overhead (1 - fit/manual; fit adds DDP and the run's callbacks): "
+                         + ", ".join(f"{config}: {share * 100:+.1f}%" for config, share in overhead.items()))
     sites = sorted({site for row in report["results"] if row.get("sync_sites") for site in row["sync_sites"]})
     if sites:
         lines.append("host-device syncs per step come from: " + ", ".join(sites))
-    if report["goals"]:
+    if report.get("goals"):
         lines.append("")
         if report["smoke"]:
             lines.append("(smoke run: the goals are evaluated to exercise the code; these lines say nothing about them)")
         for goal in report["goals"]:
             value = f"{goal['value']:.0f}" if goal["target"] > 100 else f"{goal['value']:.2f}"
-            lines.append(f"goal: {goal['goal']} = {value} (target {goal['target']}): {'MET' if goal['met'] else 'not met'}")
+            lines.append(f"goal (batch {goal['batch_size']}): {goal['goal']} = {value} (target {goal['target']}): "
+                         f"{'MET' if goal['met'] else 'not met'}")
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "" if value is None else format(value * scale, spec)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The table as markdown, for docs/benchmarks/gpu.md: written after every configuration, so a
+    run cut short shows what it measured (and says it was cut short)."""
+    lines = ["# flashnet bench gpu", ""]
+    lines += [f"- {line}" for line in header_lines(report)]
+    if not report.get("complete"):
+        done = len(report["results"])
+        lines.append(f"- **partial**: {done} of {len(report.get('planned', []))} planned rows written so far")
+    lines += ["", "| cfg | batch | loop | precision | compile | data | page cache | images/s | ms/step | TFLOP/s "
+                  "| % matmul | optim % | wait % | syncs | GiB | status |",
+              "| --- | ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in report["results"]:
+        settings = row.get("settings", {})
+        cells = [row["config"], str(row.get("batch_size") or ""), row["loop"], str(settings.get("precision", "")),
+                 str(settings.get("compile") or ("eager" if settings else "")), str(settings.get("data", "synthetic"
+                 if settings else "")), str(settings.get("page_cache") or "")]
+        if row["status"] == "ok":
+            cells += [_cell(row["images_per_s"], ".1f"), _cell(row["ms_per_step"], ".2f"), _cell(row["tflops"], ".2f"),
+                      _cell(row["fraction_of_matmul"], ".1f", 100), _cell(row["optimizer_share"], ".1f", 100),
+                      _cell(row["data_wait_share"], ".1f", 100), _cell(row["host_syncs_per_step"], "d"),
+                      _cell(row["peak_memory_gib"], ".1f"), "ok"]
+        else:
+            cells += [""] * 8 + [f"{row['status']}: {row['error']}".replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

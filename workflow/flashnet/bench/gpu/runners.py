@@ -16,7 +16,7 @@ import torchvision
 from flashnet.bench.gpu.configs import CONFIGS, SYNTHETIC_COMPILED, BenchConfig, Scale, data_steps
 from flashnet.bench.gpu.loops import RepeatedBatch, run_fit_loop, run_manual_loop
 from flashnet.bench.gpu.project import (autocast_for, bench_run, build_module, precision_for, prepare_like_recipe,
-                                        schema_run_defaults, synthetic_project_batch)
+                                        run_callbacks, schema_run_defaults, synthetic_project_batch)
 from flashnet.bench.measure import (RegionTimer, Timing, achieved_tflops, count_host_syncs, images_per_second,
                                     time_steps)
 
@@ -33,6 +33,8 @@ class Context:
     flops_per_image: float
     matmul_tflops: float
     root: Path
+    cold_read: str = "off"  # auto | fadvise | off: how data configurations evict the shards first
+    last_page_cache: str | None = None  # what the last eviction did (into the rows' settings)
     modules: dict[str | None, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -44,7 +46,7 @@ def result_row(config: BenchConfig, loop: str, timing: Timing, ctx: Context, set
     model_row = config.kind != "loader"
     tflops = achieved_tflops(rate, ctx.flops_per_image) if model_row else None
     return {
-        "config": config.id, "loop": loop, "title": config.title, "status": "ok",
+        "config": config.id, "loop": loop, "batch_size": batch, "title": config.title, "status": "ok",
         "images_per_s": rate,
         "ms_per_step": window_ms / timing.steps,
         "tflops": tflops,
@@ -60,8 +62,14 @@ def result_row(config: BenchConfig, loop: str, timing: Timing, ctx: Context, set
     }
 
 
-def failed_row(config: BenchConfig, loop: str, status: str, error: str) -> dict[str, Any]:
-    return {"config": config.id, "loop": loop, "title": config.title, "status": status, "error": error}
+def failed_row(config: BenchConfig, loop: str, status: str, error: str, batch_size: int | None = None) -> dict[str, Any]:
+    return {"config": config.id, "loop": loop, "batch_size": batch_size, "title": config.title, "status": status,
+            "error": error}
+
+
+def loops_of(config: BenchConfig) -> list[str]:
+    """The loops a configuration is measured in (one row each)."""
+    return {"reference": ["manual"], "loader": ["loader"], "project": ["manual", "fit"]}[config.kind]
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -137,7 +145,8 @@ def project_module(config: BenchConfig, ctx: Context, compile_mode: str | None):
 
 def train_stream(ctx: Context, batches: int, decode_on_device: bool):
     """The real train loader over the shards for ``batches`` batches, in as many real epochs as
-    that takes (a few thousand images hold fewer batches than a configuration times)."""
+    that takes (a few thousand images hold fewer batches than a configuration times). The shards
+    are evicted from the page cache first where ``ctx.cold_read`` asks (inputs.drop_page_cache)."""
     from flashnet.data.epochs import TrainSamples
     from flashnet.config import RunConfig
     from flashnet.data.loader import TrainStreamSpec, train_loader_over_epochs
@@ -145,6 +154,7 @@ def train_stream(ctx: Context, batches: int, decode_on_device: bool):
 
     run = schema_run_defaults()
     samples = TrainSamples.scan(ctx.shards)
+    ctx.last_page_cache = cold_read(ctx)  # after the scan, which reads the shards' headers
     per_epoch = len(samples) // ctx.scale.batch_size
     if per_epoch == 0:
         raise ValueError(f"{len(samples)} shard samples hold no batch of {ctx.scale.batch_size}")
@@ -155,6 +165,17 @@ def train_stream(ctx: Context, batches: int, decode_on_device: bool):
         decode_on_device=decode_on_device,
     ) for epoch in range(-(-batches // per_epoch))]
     return train_loader_over_epochs(specs, ctx.workers, pin_memory=ctx.device.type == "cuda")
+
+
+def cold_read(ctx: Context) -> str:
+    """Evict the shards before a data configuration reads them (``--cold-read``); what was done."""
+    from flashnet.bench.gpu.inputs import drop_page_cache
+
+    if ctx.cold_read == "off":
+        return "warm (--cold-read off)"
+    if ctx.cold_read == "fadvise":
+        return drop_page_cache(ctx.shards, use_drop_caches=False)
+    return drop_page_cache(ctx.shards)
 
 
 def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -171,7 +192,9 @@ def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -
     settings = {"model": scale.model, "precision": precision, "optimizer": module.run_config.optimizer,
                 "channels_last": device.type == "cuda", "compile": compile_mode,
                 "compile_backend": None if compile_mode is None else "eager (smoke)" if scale.smoke else "inductor",
-                "data": config.data, "warmup": warmup, "workers": ctx.workers if config.data != "synthetic" else None}
+                "data": config.data, "warmup": warmup, "workers": ctx.workers if config.data != "synthetic" else None,
+                "strategy": "ddp (1 process, " + ("nccl" if device.type == "cuda" else "gloo") + ")",
+                "callbacks": "run's per-step callbacks (clock, records, progress, resume checkpoints)"}
 
     def batches(total: int):
         if config.data == "synthetic":
@@ -187,12 +210,15 @@ def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -
                 timing = run_manual_loop(module, iter(batches(warmup + steps + 1)), precision, warmup, steps, device,
                                          compile_mode)
             else:
+                fit_root = ctx.root / f"fit-{config.id}-{scale.batch_size}"
+                callbacks = run_callbacks(module.run_config.to_dict(), fit_root, steps_per_epoch=warmup + steps)
                 timing = run_fit_loop(module, batches(warmup + steps), precision, warmup, steps, device, compile_mode,
-                                      ctx.root)
-            out.append(result_row(config, loop, timing, ctx, settings))
+                                      fit_root, callbacks)
+            page_cache = {"page_cache": ctx.last_page_cache} if config.data != "synthetic" else {}
+            out.append(result_row(config, loop, timing, ctx, {**settings, **page_cache}))
         except Exception as error:  # noqa: BLE001 - one failed loop must not lose the rest of the run
             traceback.print_exc()
-            out.append(failed_row(config, loop, "failed", f"{type(error).__name__}: {error}"))
+            out.append(failed_row(config, loop, "failed", f"{type(error).__name__}: {error}", scale.batch_size))
     return out
 
 
@@ -208,7 +234,7 @@ def run_loader(config: BenchConfig, ctx: Context) -> list[dict[str, Any]]:
 
     reset_peak_memory(device)
     seconds, timed = time_steps(step, warmup, steps, device)
-    settings = {"data": config.data, "workers": ctx.workers, "warmup": warmup}
+    settings = {"data": config.data, "workers": ctx.workers, "warmup": warmup, "page_cache": ctx.last_page_cache}
     return [result_row(config, "loader", Timing(timed, seconds), ctx, settings)]
 
 
@@ -242,9 +268,8 @@ def compile_modes_needed(remaining: list[BenchConfig], requested: str, rows: lis
 
 def run_config(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if config.data != "synthetic" and not ctx.shards:
-        loops = ["loader"] if config.kind == "loader" else ["manual", "fit"]
-        return [failed_row(config, loop, "skipped", "needs --shards PATH/manifest.json (or --make-shards N)")
-                for loop in loops]
+        return [failed_row(config, loop, "skipped", "needs --shards PATH/manifest.json (or --make-shards N)",
+                           ctx.scale.batch_size) for loop in loops_of(config)]
     try:
         if config.kind == "reference":
             return run_reference(config, ctx)
@@ -254,4 +279,4 @@ def run_config(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) ->
     except Exception as error:  # noqa: BLE001 - record it and go on with the next configuration
         traceback.print_exc()
         return [failed_row(config, "loader" if config.kind == "loader" else "manual", "failed",
-                           f"{type(error).__name__}: {error}")]
+                           f"{type(error).__name__}: {error}", ctx.scale.batch_size)]
