@@ -92,6 +92,7 @@ BENCHMARKS = {
     "shards": "flashnet.bench.shard_write",
     "loader": "flashnet.bench.loader",
     "lars": "flashnet.bench.lars_step",
+    "allreduce": "flashnet.bench.allreduce_precision",
     "gpu": "flashnet.bench.gpu.cli",
 }
 
