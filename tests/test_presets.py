@@ -161,3 +161,14 @@ def test_goyal_preset_equals_the_paper():
     assert run.lr == pytest.approx(0.1 * 8192 / 256)
     assert (run.warmup_epochs, run.epochs, run.momentum, run.weight_decay) == (5, 90, 0.9, 1e-4)
     assert run.zero_init_residual and run.label_smoothing == 0.0
+
+
+# The RCP rows MLPerf's TF2 reference trained (Google's, "before 1.0"): its LARS keeps the LR inside the
+# momentum buffer (mlcommons/training image_classification/tensorflow2/lars_optimizer.py).
+TF_REFERENCE_ROWS = {4096, 8192, 32768, 65536}
+
+
+@pytest.mark.parametrize("batch", sorted(RCP_RESNET_4_0_0))
+def test_google_rows_use_the_tf_reference_momentum_form(batch):
+    expected = "tf_reference" if batch in TF_REFERENCE_ROWS else "torch"
+    assert preset(f"mlperf-lars-b{batch}").run.lars_momentum_form == expected
