@@ -647,3 +647,31 @@ def test_cuda_scaled_step_with_a_schedule_never_synchronises():
         torch.cuda.set_sync_debug_mode("default")
     assert [int(g["schedule_step"]) for g in opt.param_groups] == [3, 3]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_a_schedule_continues_at_the_saved_position():
+    """The schedule's position (`schedule_step`) and LR travel in state_dict: a resumed optimiser
+    built with the same table continues bit-identically, not from the warmup's first LR."""
+    table = lars_module.lr_table(lr_schedule, 20)
+    params = make_params(torch.float32)
+    opt = LARS(params.values(), lr=0.0, momentum=0.9, weight_decay=5e-4, lr_schedule=table)
+    checkpoint = None
+    for step in range(14):
+        if step == 7:
+            buffer = io.BytesIO()
+            torch.save({"params": {k: v.detach() for k, v in params.items()}, "opt": opt.state_dict()}, buffer)
+            checkpoint = buffer.getvalue()
+        set_grads(params, make_grads(params, step))
+        opt.step()
+
+    saved = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    resumed_params = {k: torch.nn.Parameter(v.clone()) for k, v in saved["params"].items()}
+    resumed = LARS(resumed_params.values(), lr=0.0, momentum=0.9, weight_decay=5e-4, lr_schedule=table)
+    resumed.load_state_dict(saved["opt"])
+    assert int(resumed.param_groups[0]["schedule_step"]) == 7
+    assert float(resumed.param_groups[0]["lr"]) == float(table[7])
+    for step in range(7, 14):
+        set_grads(resumed_params, make_grads(resumed_params, step))
+        resumed.step()
+    for name in SHAPES:
+        assert torch.equal(resumed_params[name], params[name]), name

@@ -312,6 +312,8 @@ class LARS(torch.optim.Optimizer):
         self.lr_schedule = lr_schedule
         self._plans: dict[int, tuple[tuple[bool, ...], list[Batch]]] = {}
         super().__init__(params, defaults)
+        if lr_schedule is not None:  # beside the step counters, so no step copies it
+            self.lr_schedule = lr_schedule.to(self.param_groups[0]["schedule_step"].device)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, filling defaults, rejecting hyperparameters LARS cannot use, and
