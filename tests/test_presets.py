@@ -283,3 +283,12 @@ def test_optimizers_of_nvidia_and_fujitsu_presets_are_theirs():
     fujitsu = build_optimizer(preset("fujitsu-mlperf-v0.6").run, model)
     assert {g["trust_weight_decay"] for g in fujitsu.param_groups} == {0.00065}
     assert 0.0025 / 0.00065 == pytest.approx(3.85, abs=0.005)
+# The RCP rows MLPerf's TF2 reference trained (Google's, "before 1.0"): its LARS keeps the LR inside the
+# momentum buffer (mlcommons/training image_classification/tensorflow2/lars_optimizer.py).
+TF_REFERENCE_ROWS = {4096, 8192, 32768, 65536}
+
+
+@pytest.mark.parametrize("batch", sorted(RCP_RESNET_4_0_0))
+def test_google_rows_use_the_tf_reference_momentum_form(batch):
+    expected = "tf_reference" if batch in TF_REFERENCE_ROWS else "torch"
+    assert preset(f"mlperf-lars-b{batch}").run.lars_momentum_form == expected

@@ -12,6 +12,7 @@ the trust ratio when weight_decay == 0 unless always_adapt); `trust_clip`, `nest
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -437,3 +438,262 @@ def test_cuda_step_never_synchronises(momentum, nesterov, trust_clip):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the LR on the device
+
+
+def _count_host_reads():
+    """A dispatch mode counting host reads of tensor values (`aten._local_scalar_dense`: what
+    `.item()`, `float(t)`, `bool(t)` and `if t:` run). On CUDA each is a device sync; counting
+    them here needs no GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    return HostReads()
+
+
+def test_scheduled_lr_lives_on_the_device_and_matches_a_host_lr():
+    """With lr_schedule, the step reads its LR from the device (group["lr"] is a tensor the
+    step updates in place), counts steps there, reads nothing back to the host, and takes the
+    same steps as the host-number LR a scheduler would assign."""
+    table = lars_module.lr_table(lr_schedule, 12)
+    params = make_params(torch.float32)
+    opt = LARS(params.values(), lr=0.0, momentum=0.9, weight_decay=5e-4, lr_schedule=table)
+    twin_params = make_params(torch.float32)
+    twin = LARS(twin_params.values(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    lr_tensor = opt.param_groups[0]["lr"]
+    for step in range(15):  # past the table's end: its last LR holds
+        assert opt.param_groups[0]["lr"] is lr_tensor
+        assert float(lr_tensor) == float(table[min(step, 11)])
+        set_grads(params, make_grads(params, step))
+        set_grads(twin_params, make_grads(twin_params, step))
+        twin.param_groups[0]["lr"] = float(table[min(step, 11)])
+        with _count_host_reads() as reads:
+            opt.step()
+        assert reads.count == 0, f"step {step} read {reads.count} values on the host"
+        twin.step()
+        for name in SHAPES:
+            assert_close_to_scale(params[name], twin_params[name], 1e-6, f"{name} at step {step}")
+    assert int(opt.param_groups[0]["schedule_step"]) == 15
+
+
+def test_parameter_lists_are_gathered_once():
+    """The (params, buffers) buckets are reused from step to step and gathered again only when
+    another set of parameters has gradients."""
+    params = make_params(torch.float32)
+    opt = LARS(params.values(), lr=0.1, momentum=0.9)
+    set_grads(params, make_grads(params, 0))
+    opt.step()
+    plan = opt._plans[0][1]
+    opt.step()
+    assert opt._plans[0][1] is plan
+    params["frozen"].grad = torch.ones_like(params["frozen"])  # now it trains too
+    opt.step()
+    assert opt._plans[0][1] is not plan and "momentum_buffer" in opt.state[params["frozen"]]
+
+
+# --------------------------------------------------------------------------- fp16: GradScaler's skip
+
+
+def _scaled_step(model, opt, scaler, images, blow_up: bool) -> None:
+    """One fp16 step as Lightning's MixedPrecision plugin takes it for an optimizer that
+    handles unscaling itself: autocast forward, scaled backward, scaler.step, scaler.update."""
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(images)
+    loss = out.float().square().mean() * (1e30 if blow_up else 1.0)  # 1e30 × scale overflows fp16
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_fp16_step_with_inf_gradient_is_skipped_on_the_device():
+    """CPU fp16 autocast (torch 2.14 has it for linear layers): the scaler hands LARS its
+    grad_scale and found_inf, LARS unscales and skips on the device, and nothing is read back
+    to the host in scaler.step/update. A skipped step leaves weights, buffers, the LR and the
+    schedule's position as they were; the next step is the one an unscaled run takes."""
+    from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    twin = copy.deepcopy(model)
+    table = lars_module.lr_table(lr_schedule, 10)
+    opt = LARS(lars_param_groups(model, 5e-4), lr=0.0, momentum=0.9, lr_schedule=table)
+    reference = LARS(lars_param_groups(twin, 5e-4), lr=0.0, momentum=0.9, lr_schedule=table)
+    assert _optimizer_handles_unscaling(opt)  # so Lightning leaves unscale_ to LARS
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    images = torch.randn(5, 6)
+
+    _scaled_step(model, opt, scaler, images, blow_up=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    lr_before = [float(g["lr"]) for g in opt.param_groups]
+    with _count_host_reads() as reads:
+        _scaled_step(model, opt, scaler, images, blow_up=True)
+    assert reads.count == 0
+    assert scaler.get_scale() == 2.0**11  # the scaler saw the inf and backed off
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for p, buffer in zip(model.parameters(), buffers):
+        assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
+    assert [float(g["lr"]) for g in opt.param_groups] == lr_before
+    assert [int(g["schedule_step"]) for g in opt.param_groups] == [1, 1]
+
+    _scaled_step(model, opt, scaler, images, blow_up=False)
+    for _ in range(2):  # the reference never overflowed: two plain fp32-gradient steps
+        reference.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = twin(images)
+        out.float().square().mean().backward()
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close_to_scale(p, q, 1e-3, name)  # fp16 rounding of the scaled gradients
+    assert [int(g["schedule_step"]) for g in opt.param_groups] == [2, 2]
+
+
+# --------------------------------------------------------------------------- the TF2 reference's momentum
+
+
+def tf_reference_step(var, grad, mom, lr, *, skipped, momentum, weight_decay, eeta, epsilon, nesterov):
+    """One step of the MLPerf TF2 reference's LARS, written out from its equations
+    (mlcommons/training, image_classification/tensorflow2/lars_optimizer.py,
+    LARSOptimizer.compute_lr and LARSOptimizer._resource_apply_dense), in float64:
+
+        compute_lr (variables not in skip_list):
+            trust_ratio = where(‖w‖ > 0, where(‖g‖ > 0, eeta‖w‖ / (‖g‖ + wd‖w‖ + ε), 1), 1)
+            scaled_lr = lr · trust_ratio;   grad = grad + wd · var
+        (skip_list variables, BN and biases: scaled_lr = lr, grad unchanged)
+        _resource_apply_dense:
+            mom_t = mom · momentum − grad · scaled_lr
+            var_t = var + mom_t · momentum − grad · scaled_lr   if use_nesterov
+            var_t = var + mom_t                                 otherwise
+    """
+    scaled_lr = lr
+    if not skipped:
+        w_norm, g_norm = var.norm(), grad.norm()
+        trust = eeta * w_norm / (g_norm + weight_decay * w_norm + epsilon)
+        trust = torch.where(w_norm > 0, torch.where(g_norm > 0, trust, 1.0), 1.0)
+        scaled_lr = lr * trust
+        grad = grad + weight_decay * var
+    mom = mom * momentum - grad * scaled_lr
+    var = var + mom * momentum - grad * scaled_lr if nesterov else var + mom
+    return var, mom
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_tf_reference_momentum_matches_the_tf2_reference(nesterov):
+    """Eight steps through a warmup (the LR changes every step) on a weight (LARS, decay) and a
+    bias (the reference's skip list: neither τ nor decay), ours with momentum_form="tf_reference"
+    against `tf_reference_step`; the torch form, also run, differs from it while the LR changes."""
+    momentum, weight_decay, eeta, epsilon = 0.9, 1e-4, 0.001, 1e-7
+    lrs = [0.5 * (step + 1) for step in range(8)]  # a linear warmup
+    torch.manual_seed(0)
+    start = {"weight": torch.randn(6, 5, dtype=torch.float64), "bias": torch.randn(6, dtype=torch.float64)}
+    grads = [{k: torch.randn_like(v) for k, v in start.items()} for _ in lrs]
+
+    runs = {}
+    for form in ("tf_reference", "torch"):
+        weight, bias = (torch.nn.Parameter(start[k].clone()) for k in ("weight", "bias"))
+        opt = LARS([{"params": [weight], "weight_decay": weight_decay, "lars": True},
+                    {"params": [bias], "weight_decay": 0.0, "lars": False}],
+                   lr=0.0, momentum=momentum, eta=eeta, eps=epsilon, nesterov=nesterov, momentum_form=form,
+                   lr_schedule=torch.tensor(lrs, dtype=torch.float64))
+        for step_grads in grads:
+            weight.grad, bias.grad = step_grads["weight"].clone(), step_grads["bias"].clone()
+            opt.step()
+        runs[form] = {"weight": weight.detach(), "bias": bias.detach(),
+                      "buffer": opt.state[weight]["momentum_buffer"]}
+
+    expected = {k: v.clone() for k, v in start.items()}
+    moms = {k: torch.zeros_like(v) for k, v in start.items()}
+    for lr, step_grads in zip(lrs, grads):
+        for name in expected:
+            expected[name], moms[name] = tf_reference_step(
+                expected[name], step_grads[name], moms[name], lr, skipped=name == "bias", momentum=momentum,
+                weight_decay=weight_decay, eeta=eeta, epsilon=epsilon, nesterov=nesterov)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(runs["tf_reference"][name], expected[name], rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(runs["torch"][name], expected[name], rtol=1e-3, atol=0)
+    torch.testing.assert_close(runs["tf_reference"]["buffer"], -moms["weight"], rtol=1e-12, atol=1e-12)
+
+
+def test_momentum_forms_agree_while_the_lr_is_constant():
+    """buf_tf = lr · buf_torch at a constant LR, so the weights are the same."""
+    runs = {}
+    for form in ("torch", "tf_reference"):
+        params = make_params(torch.float64)
+        opt = LARS(params.values(), lr=0.7, momentum=0.9, weight_decay=5e-4, momentum_form=form)
+        for step in range(10):
+            set_grads(params, make_grads(params, step))
+            opt.step()
+        runs[form] = params
+    for name in SHAPES:
+        torch.testing.assert_close(runs["torch"][name], runs["tf_reference"][name], rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_momentum_form_is_rejected():
+    with pytest.raises(ValueError, match="momentum_form"):
+        LARS([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum_form="keras")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scaled_step_with_a_schedule_never_synchronises():
+    """GradScaler's step and update around LARS with a device-side schedule, one of the steps
+    with an inf gradient: no host-device synchronisation (sync debug mode "error" raises)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().cuda()
+    opt = LARS(lars_param_groups(model, 5e-5), lr=0.0, momentum=0.9,
+               lr_schedule=lars_module.lr_table(lr_schedule, 20).cuda())
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    scaler.scale(torch.ones((), device="cuda"))  # creates the scale tensor
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(4):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g * scaler._scale  # what a scaled backward leaves
+            if step == 2:
+                next(model.parameters()).grad[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [int(g["schedule_step"]) for g in opt.param_groups] == [3, 3]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_a_schedule_continues_at_the_saved_position():
+    """The schedule's position (`schedule_step`) and LR travel in state_dict: a resumed optimiser
+    built with the same table continues bit-identically, not from the warmup's first LR."""
+    table = lars_module.lr_table(lr_schedule, 20)
+    params = make_params(torch.float32)
+    opt = LARS(params.values(), lr=0.0, momentum=0.9, weight_decay=5e-4, lr_schedule=table)
+    checkpoint = None
+    for step in range(14):
+        if step == 7:
+            buffer = io.BytesIO()
+            torch.save({"params": {k: v.detach() for k, v in params.items()}, "opt": opt.state_dict()}, buffer)
+            checkpoint = buffer.getvalue()
+        set_grads(params, make_grads(params, step))
+        opt.step()
+
+    saved = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    resumed_params = {k: torch.nn.Parameter(v.clone()) for k, v in saved["params"].items()}
+    resumed = LARS(resumed_params.values(), lr=0.0, momentum=0.9, weight_decay=5e-4, lr_schedule=table)
+    resumed.load_state_dict(saved["opt"])
+    assert int(resumed.param_groups[0]["schedule_step"]) == 7
+    assert float(resumed.param_groups[0]["lr"]) == float(table[7])
+    for step in range(7, 14):
+        set_grads(resumed_params, make_grads(resumed_params, step))
+        resumed.step()
+    for name in SHAPES:
+        assert torch.equal(resumed_params[name], params[name]), name

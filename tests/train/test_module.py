@@ -112,3 +112,18 @@ def test_classifier_and_evaluator_count_the_same_accuracy_without_padding(classi
     assert evaluator.results["top5"] == classifier.val_top5.compute().item() == 1.0  # 4 classes: top-5 is all
     assert evaluator.results["samples"] == 3
     assert len(evaluator.results["per_class"]) == CLASSES
+
+
+def test_lars_steps_the_schedule_itself_and_takes_the_runs_momentum_form(tiny_run):
+    """LARS gets the whole schedule as a device-side table (no LambdaLR, whose count would also
+    advance on steps fp16 skips); SGD keeps the LambdaLR."""
+    from flashnet.train.lars import LARS
+
+    schedule = WarmupPolySchedule(peak_lr=2.0, warmup_steps=3, decay_steps=5, power=2.0, end_lr=0.01)
+    module = ImageNetClassifier(tiny_run(lars_momentum_form="tf_reference"), CLASSES, dataclasses.asdict(schedule))
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, LARS) and optimizer.defaults["momentum_form"] == "tf_reference"
+    torch.testing.assert_close(optimizer.lr_schedule, torch.tensor([schedule(s) for s in range(9)]))
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(schedule(0))
+    sgd = ImageNetClassifier(tiny_run(optimizer="sgd"), CLASSES, dataclasses.asdict(schedule))
+    assert isinstance(sgd.configure_optimizers()["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.LambdaLR)

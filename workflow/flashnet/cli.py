@@ -93,6 +93,7 @@ BENCHMARKS = {
     "loader": "flashnet.bench.loader",
     "lars": "flashnet.bench.lars_step",
     "epoch": "flashnet.bench.epoch",
+    "allreduce": "flashnet.bench.allreduce_precision",
     "gpu": "flashnet.bench.gpu.cli",
 }
 

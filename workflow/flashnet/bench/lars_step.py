@@ -1,6 +1,6 @@
 """Time one optimizer step on ResNet-50's parameters: torch SGD (the baseline) vs our LARS vs timm's.
 
-    .venv/bin/python -m flashnet.bench.lars_step [--device cpu|cuda] [--steps N] [--repeats R]
+    .venv/bin/python -m flashnet.bench.lars_step [--device cpu|cuda] [--steps N] [--repeats R] [--also REV]
     flashnet bench lars [same options]
 
 Each optimizer gets its own copy of the model's parameters with the same random gradients
@@ -21,12 +21,19 @@ Compared (hyperparameters of MLPerf's ResNet-50 LARS: momentum 0.9, weight decay
   torch SGD foreach  torch.optim.SGD(foreach=True), weight decay on every tensor
   flashnet LARS      flashnet.train.lars.LARS with `lars_param_groups` (BN and biases excluded)
   timm Lars          timm.optim.Lars, a Python loop over tensors, same groups
+  flashnet LARS (REV)  `--also REV`: train/lars.py of another git revision, timed in the same turns
+
+`--also` loads the revision's `train/lars.py` alone, as a module of its own name (it imports nothing
+from flashnet, only torch), so both LARS run in this process against the same parameters' copies and
+machine load; the rest of the package stays the current one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import importlib.util
 import datetime
 import os
 import platform
@@ -39,6 +46,7 @@ import torch
 import torchvision
 
 from flashnet.bench import write_report
+from flashnet.bench.revision import exported
 from flashnet.train import lars
 from flashnet.train.lars import LARS, lars_param_groups
 
@@ -62,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override flashnet.train.lars.CPU_BUCKET_BYTES (MiB); 1024 turns CPU bucketing off",
     )
     parser.add_argument("--keep-malloc", action="store_true", help="leave glibc malloc's thresholds alone")
+    parser.add_argument("--also", action="append", default=[], metavar="REV",
+                        help="also time train/lars.py of this git revision (e.g. the commit before a change)")
     return parser.parse_args(argv)
 
 
@@ -99,10 +109,19 @@ def without_lars_flag(groups: list[dict]) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "lars"} for g in groups]
 
 
-def optimizer_factories() -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+def lars_at_revision(package_root: Path, revision: str) -> type:
+    """The LARS class of ``package_root``'s train/lars.py, loaded as a module of its own name."""
+    spec = importlib.util.spec_from_file_location(f"lars_at_{revision}", package_root / "flashnet/train/lars.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LARS
+
+
+def optimizer_factories(revisions: dict[str, Path] | None = None
+                        ) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
     from timm.optim import Lars as TimmLars  # a test dependency, not a runtime one
 
-    return {
+    factories = {
         "torch SGD foreach": lambda model: torch.optim.SGD(
             model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True
         ),
@@ -113,6 +132,12 @@ def optimizer_factories() -> dict[str, Callable[[torch.nn.Module], torch.optim.O
             without_lars_flag(lars_param_groups(model, WEIGHT_DECAY)), lr=LR, momentum=MOMENTUM, trust_coeff=0.001
         ),
     }
+    for revision, root in (revisions or {}).items():
+        other = lars_at_revision(root, revision)
+        factories[f"flashnet LARS ({revision})"] = lambda model, other=other: other(
+            lars_param_groups(model, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, eta=0.001
+        )
+    return factories
 
 
 def synchronize(device: torch.device) -> None:
@@ -151,10 +176,11 @@ def parameter_count(model_name: str) -> tuple[int, int]:
     return sum(p.numel() for p in params), len(params)
 
 
-def time_optimizers(args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def time_optimizers(args: argparse.Namespace, device: torch.device,
+                    revisions: dict[str, Path] | None = None) -> dict[str, list[float]]:
     """ms/step samples per optimizer: warm-up, then `repeats` rounds in which every
     optimizer times one block of `steps` steps."""
-    factories = optimizer_factories()
+    factories = optimizer_factories(revisions)
     optimizers = {}
     for name, make in factories.items():
         optimizers[name] = make(model_with_gradients(args.model, device))
@@ -176,7 +202,9 @@ def run(args: argparse.Namespace) -> dict:
         lars.CPU_BUCKET_BYTES = args.cpu_bucket_mib << 20
     bucket_bytes = lars.CPU_BUCKET_BYTES
     try:
-        samples = time_optimizers(args, device)
+        with contextlib.ExitStack() as stack:
+            revisions = {revision: stack.enter_context(exported(revision)) for revision in args.also}
+            samples = time_optimizers(args, device, revisions)
     finally:
         lars.CPU_BUCKET_BYTES = default_bucket_bytes
 
@@ -196,6 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "malloc_reuses_freed_memory": malloc_pinned,
         "cpu_bucket_bytes": bucket_bytes,
+        "also": args.also,
         "results": [
             {
                 "optimizer": name,
@@ -221,10 +250,11 @@ def format_table(report: dict) -> str:
             f"malloc reuses freed memory: {report['malloc_reuses_freed_memory']}  "
             f"LARS CPU bucket: {report['cpu_bucket_bytes'] >> 20} MiB"
         )
-    lines += ["", f"{'optimizer':<20} {'ms/step':>9} {'x SGD':>7} {'best':>9}"]
+    width = max(20, *(len(row["optimizer"]) for row in report["results"]))
+    lines += ["", f"{'optimizer':<{width}} {'ms/step':>9} {'x SGD':>7} {'best':>9}"]
     for row in report["results"]:
         lines.append(
-            f"{row['optimizer']:<20} {row['ms_per_step']:>9.2f} {row['ratio_to_sgd']:>7.2f}"
+            f"{row['optimizer']:<{width}} {row['ms_per_step']:>9.2f} {row['ratio_to_sgd']:>7.2f}"
             f" {row['best_ms_per_step']:>9.2f}"
         )
     return "\n".join(lines)

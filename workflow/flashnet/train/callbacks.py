@@ -96,7 +96,7 @@ class RunRecords(pl.Callback):
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
             "wall_s": round(self.clock.elapsed(trainer), 3),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),  # LARS: a device tensor
             "train_loss": round(float(loss), 5),
             "images_per_s": round(rate, 1),
         })
@@ -119,7 +119,7 @@ class RunRecords(pl.Callback):
             "val_top1": round(float(metrics["val_top1"]), 6),
             "val_top5": round(float(metrics["val_top5"]), 6),
             "images_per_s": round(self._epoch_images_per_s, 1),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),  # LARS: a device tensor
             "validation_s": round(self.clock.last[VALIDATION], 3),  # the clock callback runs first
         }
         self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
@@ -217,7 +217,7 @@ class PlainProgress(pl.Callback):
         eta = (self.total_steps - step) * (wall - last_wall) / (step - last_step) if step > last_step else math.inf
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         print(f"epoch {trainer.current_epoch + 1}/{math.ceil(self.epochs)} step {step}/{self.total_steps} "
-              f"loss {float(loss):.4f} lr {trainer.optimizers[0].param_groups[0]['lr']:.4g} "
+              f"loss {float(loss):.4f} lr {float(trainer.optimizers[0].param_groups[0]['lr']):.4g} "
               f"{rate:.0f} img/s ETA {format_duration(eta) if math.isfinite(eta) else '?'}",
               file=self.stream, flush=True)
 

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..config import RunConfig
 from ..data.batch import Batch
 from ..data.transforms import normalize
-from .lars import LARS, lars_param_groups
+from .lars import LARS, lars_param_groups, lr_table
 from .schedule import WarmupPolySchedule
 
 IGNORED = -100  # label of val padding samples, which the accuracy metrics (and the loss) skip
@@ -69,13 +69,17 @@ def classifier_bias(model: nn.Module) -> list[torch.Tensor]:
     return [linears[-1].bias] if linears else []
 
 
-def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(run: RunConfig, model: nn.Module, schedule: WarmupPolySchedule | None = None
+                    ) -> torch.optim.Optimizer:
+    """LARS (stepping ``schedule`` itself, on the device, when given) or torch's SGD."""
     groups = lars_param_groups(model, run.weight_decay, exclude_bn_and_bias=run.lars_exclude_bn_bias,
                                decayed=classifier_bias(model) if run.fc_bias_weight_decay else ())
     if run.optimizer == "lars":
+        table = None if schedule is None else lr_table(schedule, schedule.horizon_steps + 1)
         return LARS(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, eta=run.lars_eta,
                     eps=run.lars_epsilon, trust_clip=run.lars_trust_clip,
-                    trust_weight_decay=run.lars_trust_weight_decay)
+                    trust_weight_decay=run.lars_trust_weight_decay, momentum_form=run.lars_momentum_form,
+                    lr_schedule=table)
     for group in groups:
         group.pop("lars", None)
     return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=run.nesterov, foreach=True)
@@ -152,7 +156,10 @@ class ImageNetClassifier(pl.LightningModule):
         return float(totals[0] / totals[1].clamp(min=1))
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.run_config, self.model)
+        optimizer = build_optimizer(self.run_config, self.model, self.schedule)
+        if isinstance(optimizer, LARS):
+            # LARS steps the schedule on the device and only over applied steps (fp16 skips excluded).
+            return optimizer
         peak = self.schedule.peak_lr
         # LambdaLR scales each group's initial lr (= peak) by schedule(step) / peak.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step) / peak)

@@ -135,7 +135,7 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         callbacks.append(PlainProgress(clock, total, spe, run.epochs, run.batch_size, run.log_every_steps))
     trainer = build_trainer(
         accelerator, run.precision, run.nodes, run.devices_per_node, cluster_environment,
-        spec.launcher.ddp_timeout_s, spec.launcher.cpus_per_task, compress_gradients=True,
+        spec.launcher.ddp_timeout_s, spec.launcher.cpus_per_task, static_graph=not run.compile,
         max_epochs=math.ceil(run.epochs),
         max_steps=total,
         callbacks=callbacks,

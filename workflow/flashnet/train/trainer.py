@@ -42,25 +42,38 @@ def device_name(accelerator: str) -> str:
     return torch.cuda.get_device_name() if accelerator == "gpu" else cpu_model()
 
 
-def gradient_compression_hook(precision: str, accelerator: str):
-    """Mixed-precision runs all-reduce their gradients in 16 bits on GPUs, halving the traffic, as
-    the records did; gloo on CPU keeps fp32."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    if accelerator != "gpu":
-        return None
-    return {"bf16-mixed": default_hooks.bf16_compress_hook, "16-mixed": default_hooks.fp16_compress_hook}.get(precision)
-
-
 def allreduce_dtype(run: RunConfig, accelerator: str) -> str:
-    """The gradients' dtype on the wire (the summary says it)."""
-    if gradient_compression_hook(run.precision, accelerator) is None:
-        return "float32"
-    return "bfloat16" if run.precision == "bf16-mixed" else "float16"
+    """The gradients' dtype on the wire (the summary says it): always float32. Mixed precision keeps
+    fp32 parameters, so their gradients and DDP's buckets are fp32, and no comm hook narrows them.
+
+    Why not bf16 (what the records sent, halving the traffic): a ring all-reduce rounds the running
+    partial sum to bf16 at each of its N − 1 hops, and at N = 2,048 ranks that biases small gradient
+    components by tens of percent (``flashnet.bench.allreduce_precision``, docs/benchmarks/allreduce.md).
+    bf16 on the wire with fp32 accumulation is exact enough, but neither NCCL nor
+    ``torch.distributed.algorithms.ddp_comm_hooks`` (torch 2.11-2.14) has such a reduce-scatter; an
+    all-to-all hook would send 2,047 small messages per rank and bucket at that scale."""
+    return "float32"
+
+
+def ddp_options(static_graph: bool) -> dict[str, Any]:
+    """DistributedDataParallel's settings for every flashnet job.
+
+    - ``broadcast_buffers=False``: no broadcast of rank 0's buffers before each forward (a
+      collective per step, and it overwrote every rank's loss/non-finite bookkeeping with rank 0's).
+      BatchNorm running statistics then drift apart between ranks; they are all-reduced before each
+      evaluation and before model.pt is written (``train/module.py``), as NVIDIA's ``fit.py`` does.
+    - ``gradient_as_bucket_view=True``: gradients are views into the all-reduce buckets, so DDP
+      does not copy every gradient into a bucket and back each step (and keeps one copy in memory).
+    - ``static_graph``: the same parameters get gradients in the same order every step (ResNet,
+      SyncBatchNorm included: its collectives run inside the graph, not between DDP's buckets), so
+      DDP can skip re-checking the graph each iteration. Off for a ``torch.compile``d network:
+      dynamo's DDPOptimizer splits the graph at bucket boundaries and is not known to agree with
+      static_graph (pytorch#109261, open) — the compiled run keeps DDP's default."""
+    return {"broadcast_buffers": False, "gradient_as_bucket_view": True, "static_graph": static_graph}
 
 
 def build_trainer(accelerator: str, precision: str, nodes: int, devices_per_node: int, cluster_environment,
-                  ddp_timeout_s: int, cpus_per_task: int, compress_gradients: bool = False,
+                  ddp_timeout_s: int, cpus_per_task: int, static_graph: bool = True,
                   **options: Any) -> pl.Trainer:
     """A Trainer for ``nodes`` × ``devices_per_node`` processes (one per device) of this job.
 
@@ -68,7 +81,7 @@ def build_trainer(accelerator: str, precision: str, nodes: int, devices_per_node
     collective that waits more than ``ddp_timeout_s`` fails the job instead of hanging it. One
     process: the environment still comes in as a plugin, so Lightning does not guess from SLURM's
     variables. On CPUs the process uses its ``cpus_per_task`` for its intra-op threads.
-    ``compress_gradients``: the 16-bit all-reduce of :func:`gradient_compression_hook` (training).
+    ``static_graph``: see :func:`ddp_options` (False for a compiled network).
     ``options`` go to ``pl.Trainer`` as they are."""
     if accelerator == "cpu":
         torch.set_num_threads(cpus_per_task)
@@ -78,7 +91,7 @@ def build_trainer(accelerator: str, precision: str, nodes: int, devices_per_node
             cluster_environment=cluster_environment,
             process_group_backend="nccl" if accelerator == "gpu" else "gloo",
             timeout=datetime.timedelta(seconds=ddp_timeout_s),
-            ddp_comm_hook=gradient_compression_hook(precision, accelerator) if compress_gradients else None,
+            **ddp_options(static_graph),
         )
     single = nodes * devices_per_node == 1 and cluster_environment is not None
     return pl.Trainer(accelerator=accelerator, devices=devices_per_node, num_nodes=nodes, strategy=strategy,

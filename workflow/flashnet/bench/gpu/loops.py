@@ -112,18 +112,19 @@ def fit_window_callback(warmup: int, steps: int, device: torch.device, compile_m
     return TimedWindow()
 
 
-def ddp_strategy(precision: str, device: torch.device):
+def ddp_strategy(device: torch.device, compiled: bool):
     """DDP as a run of several processes gets it from train/trainer.py's build_trainer: NCCL on GPUs
-    (gloo on the CPU), the 16-bit gradient all-reduce hook of mixed precision. Here with one process
-    (world size 1): the DDP wrapper, its bucketed all-reduce and the hook still run every step, which
-    is what each of a record run's processes pays besides the network."""
+    (gloo on the CPU), the run's DDP options (no buffer broadcast, gradients as bucket views, static
+    graph unless compiled; fp32 gradient all-reduce). Here with one process (world size 1): the DDP
+    wrapper and its bucketed all-reduce still run every step, which is what each of a record run's
+    processes pays besides the network."""
     from pytorch_lightning.strategies import DDPStrategy
 
-    from flashnet.train.trainer import gradient_compression_hook
+    from flashnet.train.trainer import ddp_options
 
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
-                       ddp_comm_hook=gradient_compression_hook(precision, accelerator))
+                       **ddp_options(static_graph=not compiled))
 
 
 def run_fit_loop(module, loader: Iterable, precision: str, warmup: int, steps: int, device: torch.device,
@@ -134,7 +135,7 @@ def run_fit_loop(module, loader: Iterable, precision: str, warmup: int, steps: i
 
     window = fit_window_callback(warmup, steps, device, compile_mode)
     trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=ddp_strategy(precision, device),
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=ddp_strategy(device, compiled=compile_mode is not None),
         precision=precision, max_epochs=1, max_steps=warmup + steps, callbacks=[*(callbacks or []), window],
         logger=False, enable_checkpointing=callbacks is not None, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
