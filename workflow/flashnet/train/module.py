@@ -10,10 +10,12 @@ Both take their inputs from a :class:`~flashnet.data.batch.Batch` through :func:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 from torchmetrics import SumMetric
@@ -49,6 +51,45 @@ def synchronise_batchnorm(model: nn.Module, group_size: int) -> nn.Module:
     groups = [dist.new_group(ranks) for ranks in bn_group_ranks(dist.get_world_size(), group_size)]
     own = groups[dist.get_rank() // group_size]  # every rank creates every group, as new_group requires
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=own)
+
+
+def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm layer's running mean and variance (not its batch counter), in module order."""
+    return [stat for layer in model.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+            for stat in (layer.running_mean, layer.running_var)]
+
+
+def average_batchnorm_statistics(model: nn.Module) -> None:
+    """Every rank's BN running statistics replaced by their mean over all ranks, in one all-reduce
+    of all of them flattened together (a collective: call on every rank).
+
+    Without DDP's buffer broadcast each rank keeps the statistics of its own batches; NVIDIA's MLPerf
+    ResNet averages them before every evaluation (``reduce_batchnorm_stats`` in ``common/fit.py`` of
+    mlcommons/training_results_v3.1 NVIDIA/benchmarks/resnet/implementations/mxnet, a grouped
+    Horovod all-reduce, whose default op is the average), so validation and model.pt see the
+    statistics of the whole global batch, not one rank's."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    stats = batchnorm_statistics(model)
+    for dtype in sorted({stat.dtype for stat in stats}, key=str):  # fp32 in practice; one all-reduce per dtype
+        same = [stat for stat in stats if stat.dtype == dtype]
+        flat = torch.cat([stat.reshape(-1) for stat in same])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for stat, mean in zip(same, flat.split([stat.numel() for stat in same])):
+            stat.copy_(mean.view_as(stat))
+
+
+@dataclasses.dataclass(frozen=True)
+class RankAgreement:
+    """What all ranks agreed on at a check: whether any was asked to stop, the first step at which any
+    saw a non-finite loss (-1: none), and the mean train loss over all ranks since the last log step
+    (None when no step was taken since)."""
+
+    stop: bool
+    nonfinite_step: int  # -1: every loss since the last check was finite
+    mean_loss: float | None
 
 
 def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -90,6 +131,11 @@ class ImageNetClassifier(pl.LightningModule):
         self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("first_nonfinite_step", torch.full((), -1, dtype=torch.long))
+        # Since the last log step, on this rank: [finite losses' sum, steps, non-finite losses]. Not a
+        # buffer, so DDP never overwrites it with rank 0's and checkpoints do not carry it; reduced
+        # over the ranks by agree_across_ranks, once per log step.
+        self.log_totals: torch.Tensor | None = None
+        self.agreement: RankAgreement | None = None  # this batch end's agreement, once taken
 
     def setup(self, stage: str) -> None:
         # Runs after the process group is up and before DDP wraps the model.
@@ -107,9 +153,58 @@ class ImageNetClassifier(pl.LightningModule):
         self.first_nonfinite_step.copy_(torch.where(
             (~finite) & (self.first_nonfinite_step < 0), self.global_step, self.first_nonfinite_step,
         ))
-        self.loss_sum += torch.where(finite, detached.double(), 0.0)
+        finite_loss = torch.where(finite, detached.double(), 0.0)
+        self.loss_sum += finite_loss
         self.loss_count += 1
+        if self.log_totals is None or self.log_totals.device != finite_loss.device:
+            self.log_totals = torch.zeros(3, dtype=torch.float64, device=finite_loss.device)
+        self.log_totals += torch.stack((finite_loss, torch.ones_like(finite_loss), (~finite).double()))
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.agreement = None  # a new step: the next check agrees afresh
+
+    def agree_across_ranks(self, stop_requested: bool) -> RankAgreement:
+        """One all-reduce of [stop requested, non-finite losses, loss sum, steps] over all ranks, taken
+        once per batch end (a second call in the same batch end returns the first's answer); a
+        collective: every rank calls it at the same points. A second, tiny all-reduce finds the
+        first non-finite step, only on the way to failing. The log interval's loss restarts at log
+        steps."""
+        if self.agreement is not None:
+            return self.agreement
+        totals = self.log_totals if self.log_totals is not None else torch.zeros(3, dtype=torch.float64,
+                                                                                  device=self.device)
+        flags = torch.cat((totals, torch.tensor([float(stop_requested)], dtype=torch.float64, device=totals.device)))
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(flags)
+        loss_sum, steps, nonfinite, stops = flags.tolist()
+        nonfinite_step = -1
+        if nonfinite:
+            nonfinite_step = self.first_nonfinite_step_over_ranks(distributed)
+        if self.log_totals is not None:
+            self.log_totals[2] = 0  # a non-finite loss fails the run at this check
+            if self.global_step % self.run_config.log_every_steps == 0:
+                self.log_totals.zero_()
+        self.agreement = RankAgreement(stops > 0, nonfinite_step, loss_sum / steps if steps else None)
+        return self.agreement
+
+    def first_nonfinite_step_over_ranks(self, distributed: bool) -> int:
+        """The earliest step any rank saw a non-finite loss at; where no rank's record of it survived
+        (DDP's buffer broadcast overwrites the buffer with rank 0's), the current step."""
+        never = torch.iinfo(torch.long).max
+        step = torch.where(self.first_nonfinite_step >= 0, self.first_nonfinite_step, never).reshape(1)
+        if distributed:
+            dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        return self.global_step if int(step) == never else int(step)
+
+    def on_validation_start(self) -> None:
+        self.agreement = None  # a stop may be asked for during validation: the next check agrees afresh
+        if not self.trainer.sanity_checking:
+            average_batchnorm_statistics(self.model)  # validation sees the statistics of every rank
+
+    def on_train_end(self) -> None:
+        average_batchnorm_statistics(self.model)  # model.pt holds the statistics of every rank
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, labels = model_inputs(batch, self.run_config.image_size, self.device)

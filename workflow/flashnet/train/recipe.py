@@ -25,11 +25,12 @@ from ..data.epochs import TrainSamples, shard_paths
 from ..data.manifest import verify_manifest
 from ..files import write_json
 from ..mlperf.log import MLPerfLog, platform_name
-from ..runfolder import SUMMARY_FILE
+from ..runfolder import SUMMARY_FILE, record_failure
 from . import checkpoints
-from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
+from .callbacks import EvalSchedule, NonFiniteLoss, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
 from .clock import TrainClock
 from .datamodule import ShardData
+from .health import Diverged, RunHealth
 from .modelfile import save_model
 from .module import ImageNetClassifier
 from .schedule import schedule_for_run, steps_per_epoch, total_steps
@@ -110,6 +111,8 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     callbacks = [
         *extra_callbacks,
         clock,
+        # first at a batch end: the ranks' one agreement, the loss over all ranks, the divergence rules
+        RunHealth(stop, run.log_every_steps, train_manifest["classes"], run.divergence_loss_factor, records),
         records,
         ForwardRecords(records, {"run_name": spec.name, **run.to_dict()}, out_dir),  # to the trackers, if any
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
@@ -141,7 +144,12 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         if resume:
             print(f"resuming from {resume}", flush=True)
     # Resume checkpoints hold tensors and plain values only, so nothing in them is unpickled as code.
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    except (NonFiniteLoss, Diverged) as diverged:  # every rank raises it; status and report read the record
+        if trainer.is_global_zero:
+            record_failure(out_dir, "diverged", str(diverged), step=trainer.global_step)
+        raise
 
     if not trainer.is_global_zero:
         return None
