@@ -11,6 +11,7 @@ Both take their inputs from a :class:`~flashnet.data.batch.Batch` through :func:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -117,6 +118,10 @@ def accuracy_metrics(num_classes: int) -> tuple[MulticlassAccuracy, MulticlassAc
                  for k in (1, min(5, num_classes)))
 
 
+def fresh_log_totals(device: torch.device) -> torch.Tensor:
+    return torch.tensor([0.0, 0.0, 0.0, math.inf], dtype=torch.float64, device=device)
+
+
 class ImageNetClassifier(pl.LightningModule):
     def __init__(self, run: dict[str, Any], num_classes: int, schedule: dict[str, Any]):
         super().__init__()
@@ -130,10 +135,11 @@ class ImageNetClassifier(pl.LightningModule):
         # Saved in resume checkpoints (not in model.pt), so an epoch's mean loss survives a requeue.
         self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
+        # This rank's first non-finite step (-1: none), as bench/gpu reads it; the run's checks use log_totals.
         self.register_buffer("first_nonfinite_step", torch.full((), -1, dtype=torch.long))
-        # Since the last log step, on this rank: [finite losses' sum, steps, non-finite losses]. Not a
-        # buffer, so DDP never overwrites it with rank 0's and checkpoints do not carry it; reduced
-        # over the ranks by agree_across_ranks, once per log step.
+        # Since the last check, on this rank: [finite losses' sum, steps, non-finite losses, first
+        # non-finite step (inf: none)]. Not a buffer, so DDP's buffer broadcast never overwrites it
+        # with rank 0's and checkpoints do not carry it; reduced over the ranks by agree_across_ranks.
         self.log_totals: torch.Tensor | None = None
         self.agreement: RankAgreement | None = None  # this batch end's agreement, once taken
 
@@ -148,55 +154,51 @@ class ImageNetClassifier(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, labels = model_inputs(batch, self.run_config.image_size, self.device)
         loss = self.criterion(self(images), labels)
-        detached = loss.detach()
-        finite = torch.isfinite(detached)
+        self.count_loss(loss.detach())
+        return loss
+
+    def count_loss(self, loss: torch.Tensor) -> None:
+        """Device-side bookkeeping of this step's loss: no host sync (read at checks only)."""
+        finite = torch.isfinite(loss)
         self.first_nonfinite_step.copy_(torch.where(
-            (~finite) & (self.first_nonfinite_step < 0), self.global_step, self.first_nonfinite_step,
-        ))
-        finite_loss = torch.where(finite, detached.double(), 0.0)
+            (~finite) & (self.first_nonfinite_step < 0), self.global_step, self.first_nonfinite_step))
+        finite_loss = torch.where(finite, loss.double(), 0.0)
         self.loss_sum += finite_loss
         self.loss_count += 1
         if self.log_totals is None or self.log_totals.device != finite_loss.device:
-            self.log_totals = torch.zeros(3, dtype=torch.float64, device=finite_loss.device)
-        self.log_totals += torch.stack((finite_loss, torch.ones_like(finite_loss), (~finite).double()))
-        return loss
+            self.log_totals = fresh_log_totals(finite_loss.device)
+        self.log_totals[:3] += torch.stack((finite_loss, torch.ones_like(finite_loss), (~finite).double()))
+        self.log_totals[3] = torch.where(finite, self.log_totals[3], self.log_totals[3].clamp(max=self.global_step))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.agreement = None  # a new step: the next check agrees afresh
 
     def agree_across_ranks(self, stop_requested: bool) -> RankAgreement:
-        """One all-reduce of [stop requested, non-finite losses, loss sum, steps] over all ranks, taken
+        """One all-reduce of [loss sum, steps, non-finite losses, stop requested] over all ranks, taken
         once per batch end (a second call in the same batch end returns the first's answer); a
-        collective: every rank calls it at the same points. A second, tiny all-reduce finds the
-        first non-finite step, only on the way to failing. The log interval's loss restarts at log
-        steps."""
+        collective: every rank calls it at the same points. A second, one-number all-reduce finds the
+        first non-finite step, only on the way to failing. The loss interval restarts at log steps."""
         if self.agreement is not None:
             return self.agreement
-        totals = self.log_totals if self.log_totals is not None else torch.zeros(3, dtype=torch.float64,
-                                                                                  device=self.device)
-        flags = torch.cat((totals, torch.tensor([float(stop_requested)], dtype=torch.float64, device=totals.device)))
+        if self.log_totals is None:
+            self.log_totals = fresh_log_totals(self.device)
+        totals = self.log_totals
+        flags = torch.cat((totals[:3], torch.tensor([float(stop_requested)], dtype=torch.float64, device=totals.device)))
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             dist.all_reduce(flags)
         loss_sum, steps, nonfinite, stops = flags.tolist()
         nonfinite_step = -1
         if nonfinite:
-            nonfinite_step = self.first_nonfinite_step_over_ranks(distributed)
-        if self.log_totals is not None:
-            self.log_totals[2] = 0  # a non-finite loss fails the run at this check
-            if self.global_step % self.run_config.log_every_steps == 0:
-                self.log_totals.zero_()
+            first = totals[3:].clone()
+            if distributed:
+                dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            nonfinite_step = int(first.item())
+        if self.global_step % self.run_config.log_every_steps == 0:
+            totals.zero_()
+            totals[3] = math.inf
         self.agreement = RankAgreement(stops > 0, nonfinite_step, loss_sum / steps if steps else None)
         return self.agreement
-
-    def first_nonfinite_step_over_ranks(self, distributed: bool) -> int:
-        """The earliest step any rank saw a non-finite loss at; where no rank's record of it survived
-        (DDP's buffer broadcast overwrites the buffer with rank 0's), the current step."""
-        never = torch.iinfo(torch.long).max
-        step = torch.where(self.first_nonfinite_step >= 0, self.first_nonfinite_step, never).reshape(1)
-        if distributed:
-            dist.all_reduce(step, op=dist.ReduceOp.MIN)
-        return self.global_step if int(step) == never else int(step)
 
     def on_validation_start(self) -> None:
         self.agreement = None  # a stop may be asked for during validation: the next check agrees afresh
