@@ -92,7 +92,7 @@ def stalled_ranks(world_size: int, answers: dict[int, dict[str, Any]]) -> tuple[
 
 def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict[int, dict[str, Any]]) -> str:
     silent, behind = stalled_ranks(world_size, answers)
-    parts = [f"watchdog: no training step for {quiet_s:.0f} s (limit {limit_s:.0f} s); "]
+    parts = [f"watchdog: no training step for {quiet_s:.3g} s (limit {limit_s:.3g} s); "]
     if silent:
         parts.append(f"rank(s) {', '.join(map(str, silent))} did not answer (stopped, dead or unreachable: "
                      "look at that node)")
@@ -172,7 +172,7 @@ class Watchdog(pl.Callback):
                 return
 
     def _fail(self, quiet_s: float, limit_s: float) -> None:
-        print(f"watchdog (rank {self.rank}): no training step for {quiet_s:.0f} s (limit {limit_s:.0f} s) after "
+        print(f"watchdog (rank {self.rank}): no training step for {quiet_s:.3g} s (limit {limit_s:.3g} s) after "
               f"step {self._step}; every thread's Python stack on this rank follows", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
