@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import types
@@ -112,3 +113,42 @@ def test_a_stopped_rank_is_named_and_the_job_fails_long_before_the_collective_ti
     record = json.loads((tmp_path / "failure.json").read_text())
     assert record["kind"] == "hung" and record["silent_ranks"] == [stopped_rank]
     assert f"rank {live} after step" in record["message"]
+
+
+# --------------------------------------------------------------------------- a whole training job
+
+
+@pytest.mark.e2e
+def test_a_stopped_rank_fails_a_training_job_naming_it(tiny_dataset, tmp_path):
+    """A 2-process local DDP job through submitit, rank 1 stopped mid-epoch: the job fails within
+    the watchdog's limits (not ddp_timeout_s), rank 0's log names rank 1, and status says hung."""
+    from flashnet.jobs import follow
+    from flashnet.jobs.lock import JobFailed
+    from flashnet.runfolder import failure_state, read_failure
+    from flashnet.train import launch
+    from flashnet.train.recipe import TrainSpec
+
+    run = tiny_dataset.run(devices_per_node=2, batch_size=16, epochs=4, log_every_steps=1)
+    launcher = tiny_dataset.launcher(ddp_timeout_s=300, poll_s=0.5, watchdog_step_multiple=10,
+                                     watchdog_floor_s=3, watchdog_grace_s=60)
+    out = tmp_path / "run"
+    job = launch.submit_training(TrainSpec("hang", run, str(tiny_dataset.train_manifest),
+                                           str(tiny_dataset.val_manifest), str(out), launcher))
+    deadline = time.monotonic() + 300
+    while " step 13/" not in (job.paths.stdout.read_text() if job.paths.stdout.exists() else ""):
+        assert time.monotonic() < deadline, "step 13 not reached"
+        time.sleep(0.2)
+    found = subprocess.run(["pgrep", "-f", f"submitit.core._submit {out / 'jobs'}"], capture_output=True, text=True)
+    pids = [int(pid) for pid in found.stdout.split()]
+    rank1 = [pid for pid in pids if b"SUBMITIT_LOCAL_GLOBALID=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert len(rank1) == 1, pids
+    os.kill(rank1[0], signal.SIGSTOP)
+    stopped = time.monotonic()
+    with pytest.raises(JobFailed):
+        follow.wait(job, 0.5)
+    assert time.monotonic() - stopped < 120 < 300  # the watchdog, not the collective timeout
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "rank(s) 1 did not answer" in log and "most recent call first" in log.lower()
+    record = read_failure(out)
+    assert record["kind"] == "hung" and record["silent_ranks"] == [1]
+    assert failure_state(record).startswith("failed: hung: watchdog: no training step for")

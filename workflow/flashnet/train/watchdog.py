@@ -17,20 +17,24 @@ checkpoint until the next training step), the thread
    innermost frame its main thread waits in; the first rank to answer waits
    ``ANSWER_S`` for the others and names the stalled ones: ranks that never answered (stopped,
    dead, or cut off) and ranks behind the others' step;
-3. records the failure (``failure.json``, kind ``hung``) and ends the process with
-   :data:`STALL_EXIT`. The first rank to answer exits last, after writing the record.
+3. records the failure (``failure.json``, kind ``hung``), ends what cannot end itself (SLURM: the
+   job is cancelled; local: the silent ranks' processes of this job are killed) and ends the
+   process with :data:`STALL_EXIT`. The first rank to answer exits last, after writing the record.
 
 Nothing happens in the store until a rank detects a stall, so a healthy run costs no collective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import faulthandler
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -200,6 +204,7 @@ class Watchdog(pl.Callback):
             record_failure(self.run_dir, "hung", message, step=self._step, silent_ranks=silent, behind_ranks=behind)
         except OSError as error:
             print(f"watchdog: could not record the failure in {self.run_dir}: {error}", file=sys.stderr, flush=True)
+        print(end_stalled_tasks(silent), file=sys.stderr, flush=True)
         self._exit(STALL_EXIT)
 
     def _answer(self, answer: dict[str, Any]) -> int:
@@ -214,6 +219,48 @@ class Watchdog(pl.Callback):
             if self.store.check([key]):
                 answers[rank] = json.loads(self.store.get(key))
         return answers
+
+
+def end_stalled_tasks(silent: list[int]) -> str:
+    """End what cannot end itself: a stopped rank never exits, and the job (SLURM's step, submitit's
+    local controller) waits for every task. SLURM: the job is cancelled (``scancel``; the record
+    above says why). Local: this job's own tasks of the silent ranks are killed, found as the
+    controller's children whose SUBMITIT_LOCAL_GLOBALID is a silent rank. Returns what was done."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        try:
+            subprocess.run(["scancel", job_id], timeout=30, check=True, capture_output=True)
+            return f"watchdog: cancelled SLURM job {job_id}"
+        except (OSError, subprocess.SubprocessError) as error:
+            return f"watchdog: could not cancel SLURM job {job_id}: {error}"
+    if "SUBMITIT_LOCAL_JOB_ID" not in os.environ or not silent:
+        return "watchdog: no other task to end"
+    killed = []
+    for pid, rank in local_sibling_tasks(os.getppid()):
+        if rank in silent:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(f"rank {rank} (pid {pid})")
+    return f"watchdog: killed {', '.join(killed) or 'no task'} of this local job"
+
+
+def local_sibling_tasks(controller: int) -> list[tuple[int, int]]:
+    """(pid, rank) of the local controller's task processes other than this one (Linux /proc)."""
+    tasks = []
+    try:
+        children = {int(pid) for tid in Path(f"/proc/{controller}/task").iterdir()
+                    for pid in (tid / "children").read_text().split()}
+    except OSError:
+        return []
+    for pid in children - {os.getpid()}:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"SUBMITIT_LOCAL_GLOBALID="):
+                tasks.append((pid, int(entry.split(b"=", 1)[1])))
+    return tasks
 
 
 def rendezvous_address() -> tuple[str, int] | None:
