@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flashnet import runfolder
 
 
@@ -42,3 +44,17 @@ def test_short_reason_names_the_exception_that_ended_the_job():
     assert runfolder.short_reason("interrupted (SIGTERM): cancelled job 42; rerunning resumes") == \
         "interrupted (SIGTERM): cancelled job 42; rerunning resumes"
     assert runfolder.short_reason("job 42 (FAILED) failed:\nno trace") == "job 42 (FAILED) failed"
+
+
+def test_a_failure_record_reads_back_and_a_half_written_one_reads_as_none(tmp_path):
+    from flashnet.runfolder import FAILURE_FILE, failure_state, read_failure, record_failure
+
+    assert read_failure(tmp_path) is None
+    record_failure(tmp_path, "diverged", "train loss 1e+15 is above ...\nmore", step=40)
+    record = read_failure(tmp_path)
+    assert record == {"kind": "diverged", "message": "train loss 1e+15 is above ...\nmore", "step": 40}
+    assert failure_state(record) == "diverged: train loss 1e+15 is above ..."
+    (tmp_path / FAILURE_FILE).write_text('{"kind": "hung", "mess')
+    assert read_failure(tmp_path) is None
+    with pytest.raises(ValueError, match="not one of"):
+        record_failure(tmp_path, "tired", "x")
