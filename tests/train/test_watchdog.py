@@ -65,6 +65,7 @@ def _rank(rank: int, port: int, run_dir: Path, steps) -> None:
     watchdog.on_train_start(trainer, None)
     value = torch.ones(1)
     while True:
+        watchdog.on_train_batch_start(trainer, None, None, trainer.global_step)
         dist.all_reduce(value)
         trainer.global_step += 1
         watchdog.on_train_batch_end(trainer, None, None, None, trainer.global_step)

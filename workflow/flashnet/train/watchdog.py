@@ -8,8 +8,10 @@ step interval stored in memory at each batch end). When no step came for
 
     max(watchdog_floor_s, watchdog_step_multiple × median step time)
 
-(``watchdog_grace_s`` instead before the job's first steps and from the start of a validation or a
-checkpoint until the next training step), the thread
+(``watchdog_grace_s`` instead from the start of this rank's first step, and from the start of a
+validation or a checkpoint until the next training step, that step included; before this rank's
+first step, through start-up, warm-up and compilation, only the collective timeout applies), the
+thread
 
 1. writes every thread's Python stack of this rank into its job log (``faulthandler``);
 2. answers in the job's rendezvous store (the c10d TCPStore on rank 0's node, through a connection
@@ -58,7 +60,7 @@ class WatchdogLimits:
 
     step_multiple: float  # no step for this many median step times; 0: no watchdog
     floor_s: float  # ... but never less than this
-    grace_s: float  # before the first steps, and from a validation's or checkpoint's start to the next step
+    grace_s: float  # the first steps, and from a validation's or checkpoint's start to the next step's end
 
     @classmethod
     def from_launcher(cls, launcher) -> "WatchdogLimits":
@@ -128,6 +130,7 @@ class Watchdog(pl.Callback):
         self._count = 0
         self._last_beat = time.monotonic()
         self._graced = True
+        self._armed = False  # before this rank's first step (start-up, compilation) the collective timeout rules
         self._step = 0
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -142,6 +145,12 @@ class Watchdog(pl.Callback):
         self._grace()
         self._thread = threading.Thread(target=self._watch, name="flashnet-watchdog", daemon=True)
         self._thread.start()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # After a long phase (start-up, warm-up and compilation, validation, a checkpoint) the
+        # allowance runs from the step that follows it; the first step arms the watchdog.
+        if self._graced:
+            self._armed, self._last_beat = True, time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
@@ -171,7 +180,7 @@ class Watchdog(pl.Callback):
         while not self._stopped.wait(self.limits.poll_s):
             quiet = time.monotonic() - self._last_beat
             limit = self.limits.limit_s(list(self._intervals), self._graced)
-            if quiet > limit and not self._stopped.is_set():
+            if quiet > limit and self._armed and not self._stopped.is_set():
                 self._fail(quiet, limit)
                 return
 
