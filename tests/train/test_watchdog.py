@@ -48,6 +48,19 @@ def test_silent_and_behind_ranks_are_named():
     assert "rank 2 after step 11 in b" in message
 
 
+def test_start_up_never_trips_it_and_the_first_step_arms_it(tmp_path):
+    exits = []
+    watchdog = Watchdog(WatchdogLimits(step_multiple=5, floor_s=0.2, grace_s=0.5), tmp_path, exit=exits.append)
+    trainer = types.SimpleNamespace(global_rank=0, world_size=1, global_step=0)
+    watchdog.on_train_start(trainer, None)
+    time.sleep(1.5)  # compiling, warming up: three grace periods without a step
+    assert exits == []
+    watchdog.on_train_batch_start(trainer, None, None, 0)  # the first step starts, and never ends
+    time.sleep(1.5)
+    assert exits == [STALL_EXIT]
+    assert json.loads((tmp_path / "failure.json").read_text())["step"] == 0
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
