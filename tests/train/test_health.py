@@ -187,9 +187,9 @@ def test_a_finite_divergence_stops_the_run_as_diverged(tiny_dataset, tmp_path):
 def test_a_validation_fallen_to_chance_stops_the_run(tmp_path):
     records = RunRecords(tmp_path, None, 16, 10, 2, 0.9)
     records.epochs = [{"epoch": 1, "val_top1": 0.7}]
-    health = RunHealth(StopRequest(), 2, 4, 10, records)
-    module = types.SimpleNamespace(agree_across_ranks=lambda stop: types.SimpleNamespace(
-        stop=False, nonfinite_step=-1, mean_loss=1.2))
+    health = RunHealth(lambda trainer: {"stop": False}, 2, 4, 10, records)
+    module = types.SimpleNamespace(agree_across_ranks=lambda flags: types.SimpleNamespace(
+        flags=flags, nonfinite_step=-1, mean_loss=1.2))
     trainer = types.SimpleNamespace(sanity_checking=False, global_step=20, current_epoch=1,
                                     callback_metrics={"val_top1": torch.tensor(0.25)})
     with pytest.raises(Diverged, match=r"validation top-1 0.2500 after epoch 2 is at or below chance \(1/4\)"):

@@ -263,10 +263,14 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         with self.clock.timed(CHECKPOINT, trainer) if self.clock else contextlib.nullcontext():
             save_resume(trainer, self.path)  # the previous checkpoint survives until this one is complete
 
+    def agreement_flags(self, trainer) -> dict[str, bool]:
+        """What every rank must agree on at a check (any rank's true wins); RunHealth asks the same."""
+        return {"stop": self.stop.requested}
+
     def _agree(self, trainer, pl_module) -> tuple[bool, int]:
         # The module's one all-reduce per batch end, shared with RunHealth (which takes it first at
         # log steps, so the logged loss is over all ranks).
-        agreed = pl_module.agree_across_ranks(self.stop.requested)
+        agreed = pl_module.agree_across_ranks(self.agreement_flags(trainer))
         return agreed.stop, agreed.nonfinite_step
 
     def _agree_and_check(self, trainer, pl_module) -> bool:

@@ -17,11 +17,11 @@ Bounds (README "When a run goes wrong"):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Callable
 
 import pytorch_lightning as pl
 
-from .callbacks import NonFiniteLoss, RunRecords, StopRequest
+from .callbacks import NonFiniteLoss, RunRecords
 
 
 class Diverged(FloatingPointError):
@@ -46,9 +46,10 @@ class RunHealth(pl.Callback):
     on a non-finite or diverging loss, and on a validation fallen to chance, before a checkpoint
     of the bad state is written (the checkpoint callback comes after it)."""
 
-    def __init__(self, stop: StopRequest, log_every_steps: int, classes: int, divergence_loss_factor: float,
-                 records: RunRecords):
-        self.stop, self.log_every_steps, self.classes = stop, log_every_steps, classes
+    def __init__(self, flags: Callable[[pl.Trainer], dict[str, bool]], log_every_steps: int, classes: int,
+                 divergence_loss_factor: float, records: RunRecords):
+        # flags: what the ranks agree on besides the loss (ResumeCheckpoints.agreement_flags)
+        self.flags, self.log_every_steps, self.classes = flags, log_every_steps, classes
         self.bound = loss_bound(divergence_loss_factor, classes)
         self.factor = divergence_loss_factor
         self.records = records  # earlier validations (restored with the checkpoint on a resume)
@@ -56,10 +57,11 @@ class RunHealth(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.log_every_steps:
             return
-        self.check(pl_module, trainer.global_step)
+        self.check(trainer, pl_module)
 
-    def check(self, pl_module, step: int) -> None:
-        agreed = pl_module.agree_across_ranks(self.stop.requested)
+    def check(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        agreed = pl_module.agree_across_ranks(self.flags(trainer))
         if agreed.nonfinite_step >= 0:
             raise NonFiniteLoss(f"loss became NaN or infinite at step {agreed.nonfinite_step} on at least one rank; "
                                 "the run diverged")
@@ -71,7 +73,7 @@ class RunHealth(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        self.check(pl_module, trainer.global_step)  # also catches what happened since the last log step
+        self.check(trainer, pl_module)  # also catches what happened since the last log step
         top1 = float(trainer.callback_metrics["val_top1"])
         earlier = [row["val_top1"] for row in self.records.epochs if row["epoch"] < trainer.current_epoch + 1]
         if fell_to_chance(top1, earlier, self.classes):

@@ -84,13 +84,17 @@ def average_batchnorm_statistics(model: nn.Module) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RankAgreement:
-    """What all ranks agreed on at a check: whether any was asked to stop, the first step at which any
-    saw a non-finite loss (-1: none), and the mean train loss over all ranks since the last log step
-    (None when no step was taken since)."""
+    """What all ranks agreed on at a check: each named flag (true where any rank's was, e.g.
+    ``stop``: a stop was requested), the first step at which any rank saw a non-finite loss (-1:
+    none), and the mean train loss over all ranks since the last log step (None: no step since)."""
 
-    stop: bool
+    flags: dict[str, bool]
     nonfinite_step: int  # -1: every loss since the last check was finite
     mean_loss: float | None
+
+    @property
+    def stop(self) -> bool:
+        return self.flags.get("stop", False)
 
 
 def build_optimizer(run: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -173,21 +177,23 @@ class ImageNetClassifier(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.agreement = None  # a new step: the next check agrees afresh
 
-    def agree_across_ranks(self, stop_requested: bool) -> RankAgreement:
-        """One all-reduce of [loss sum, steps, non-finite losses, stop requested] over all ranks, taken
-        once per batch end (a second call in the same batch end returns the first's answer); a
-        collective: every rank calls it at the same points. A second, one-number all-reduce finds the
-        first non-finite step, only on the way to failing. The loss interval restarts at log steps."""
+    def agree_across_ranks(self, flags: dict[str, bool]) -> RankAgreement:
+        """One all-reduce of [loss sum, steps, non-finite losses, *flags] over all ranks, taken once
+        per batch end (a second call in the same batch end returns the first's answer, so the
+        callbacks asking give the same flags: :meth:`.callbacks.ResumeCheckpoints.agreement_flags`);
+        a collective: every rank calls it at the same points. A second, one-number all-reduce finds
+        the first non-finite step, only on the way to failing. The loss interval restarts at log steps."""
         if self.agreement is not None:
             return self.agreement
         if self.log_totals is None:
             self.log_totals = fresh_log_totals(self.device)
         totals = self.log_totals
-        flags = torch.cat((totals[:3], torch.tensor([float(stop_requested)], dtype=torch.float64, device=totals.device)))
+        asked = torch.tensor([float(value) for value in flags.values()], dtype=torch.float64, device=totals.device)
+        reduced = torch.cat((totals[:3], asked))
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
-            dist.all_reduce(flags)
-        loss_sum, steps, nonfinite, stops = flags.tolist()
+            dist.all_reduce(reduced)
+        loss_sum, steps, nonfinite, *raised = reduced.tolist()
         nonfinite_step = -1
         if nonfinite:
             first = totals[3:].clone()
@@ -197,7 +203,8 @@ class ImageNetClassifier(pl.LightningModule):
         if self.global_step % self.run_config.log_every_steps == 0:
             totals.zero_()
             totals[3] = math.inf
-        self.agreement = RankAgreement(stops > 0, nonfinite_step, loss_sum / steps if steps else None)
+        self.agreement = RankAgreement({name: count > 0 for name, count in zip(flags, raised)}, nonfinite_step,
+                                       loss_sum / steps if steps else None)
         return self.agreement
 
     def on_validation_start(self) -> None:

@@ -108,17 +108,20 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     records = RunRecords(out_dir, clock, run.batch_size, spe, run.log_every_steps, run.target_top1)
     spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     eval_schedule = EvalSchedule(run.is_eval_epoch, run.target_top1, run.stop_at_target)
+    checkpointing = ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
+                                      scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch,
+                                      clock=clock)
     callbacks = [
         *extra_callbacks,
         clock,
         # first at a batch end: the ranks' one agreement, the loss over all ranks, the divergence rules
-        RunHealth(stop, run.log_every_steps, train_manifest["classes"], run.divergence_loss_factor, records),
+        RunHealth(checkpointing.agreement_flags, run.log_every_steps, train_manifest["classes"],
+                  run.divergence_loss_factor, records),
         records,
         ForwardRecords(records, {"run_name": spec.name, **run.to_dict()}, out_dir),  # to the trackers, if any
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
         mlperf_log,
-        ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
-                          scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch, clock=clock),
+        checkpointing,
     ]
     interactive = sys.stderr.isatty()
     if not interactive:
