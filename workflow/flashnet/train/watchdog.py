@@ -96,7 +96,8 @@ def stalled_ranks(world_size: int, answers: dict[int, dict[str, Any]]) -> tuple[
     return silent, behind
 
 
-def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict[int, dict[str, Any]]) -> str:
+def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict[int, dict[str, Any]],
+                  note: str = "") -> str:
     silent, behind = stalled_ranks(world_size, answers)
     parts = [f"watchdog: no training step for {quiet_s:.3g} s (limit {limit_s:.3g} s); "]
     if silent:
@@ -107,7 +108,7 @@ def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict
     if not silent and not behind:
         parts.append("every rank answered from the same step: look at the stacks for the odd one out")
     where = "; ".join(f"rank {rank} after step {a['step']} in {a['where']}" for rank, a in sorted(answers.items()))
-    return "".join(parts) + f". Where each answering rank waits: {where or 'none answered'}. Failing the job."
+    return "".join(parts) + f"{note}. Where each answering rank waits: {where or 'none answered'}. Failing the job."
 
 
 def with_deadline(seconds: float, work: Callable[[], Any]) -> Any:
@@ -193,8 +194,8 @@ class Watchdog(pl.Callback):
         order = with_deadline(self.answer_s, lambda: self._answer(answer)) if self.address else None
         if self.address is not None and order is None:  # the store's host (rank 0) is the one stopped
             answers = {self.rank: answer}
-            message = stall_message(quiet_s, limit_s, self.world_size, answers) + \
-                " (the rendezvous store on rank 0's node did not answer)"
+            message = stall_message(quiet_s, limit_s, self.world_size, answers,
+                                    note=" (the rendezvous store on rank 0's node did not answer either)")
         elif order is not None and order > 1:  # another rank reports; wait for it to finish, then go
             print(f"watchdog (rank {self.rank}): the first rank to answer names the stalled ranks; exiting",
                   file=sys.stderr, flush=True)
