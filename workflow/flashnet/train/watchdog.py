@@ -96,8 +96,7 @@ def stalled_ranks(world_size: int, answers: dict[int, dict[str, Any]]) -> tuple[
     return silent, behind
 
 
-def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict[int, dict[str, Any]],
-                  note: str = "") -> str:
+def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict[int, dict[str, Any]]) -> str:
     silent, behind = stalled_ranks(world_size, answers)
     parts = [f"watchdog: no training step for {quiet_s:.3g} s (limit {limit_s:.3g} s); "]
     if silent:
@@ -108,7 +107,7 @@ def stall_message(quiet_s: float, limit_s: float, world_size: int, answers: dict
     if not silent and not behind:
         parts.append("every rank answered from the same step: look at the stacks for the odd one out")
     where = "; ".join(f"rank {rank} after step {a['step']} in {a['where']}" for rank, a in sorted(answers.items()))
-    return "".join(parts) + f"{note}. Where each answering rank waits: {where or 'none answered'}. Failing the job."
+    return "".join(parts) + f". Where each answering rank waits: {where or 'none answered'}. Failing the job."
 
 
 def with_deadline(seconds: float, work: Callable[[], Any]) -> Any:
@@ -193,9 +192,11 @@ class Watchdog(pl.Callback):
         answer = {"step": self._step, "where": main_thread_frame()}
         order = with_deadline(self.answer_s, lambda: self._answer(answer)) if self.address else None
         if self.address is not None and order is None:  # the store's host (rank 0) is the one stopped
-            answers = {self.rank: answer}
-            message = stall_message(quiet_s, limit_s, self.world_size, answers,
-                                    note=" (the rendezvous store on rank 0's node did not answer either)")
+            silent, behind = [0], []
+            message = (f"watchdog: no training step for {quiet_s:.3g} s (limit {limit_s:.3g} s); rank(s) 0 did not "
+                       "answer: the rendezvous store on its node does not answer (stopped, dead or unreachable: look "
+                       f"at that node). This is rank {self.rank}, after step {answer['step']} in {answer['where']}. "
+                       "Failing the job.")
         elif order is not None and order > 1:  # another rank reports; wait for it to finish, then go
             print(f"watchdog (rank {self.rank}): the first rank to answer names the stalled ranks; exiting",
                   file=sys.stderr, flush=True)
@@ -205,11 +206,12 @@ class Watchdog(pl.Callback):
         else:  # the first to answer (or a single process): wait for the others, then name the stalled ones
             if self.address is not None:
                 time.sleep(self.answer_s)
-            answers = with_deadline(self.answer_s, self._read_answers) if self.address else None
-            message = stall_message(quiet_s, limit_s, self.world_size, answers or {self.rank: answer})
+            answers = (with_deadline(self.answer_s, self._read_answers) if self.address else None) or \
+                {self.rank: answer}
+            message = stall_message(quiet_s, limit_s, self.world_size, answers)
+            silent, behind = stalled_ranks(self.world_size, answers)
         print(message, file=sys.stderr, flush=True)
         print(message, flush=True)
-        silent, behind = stalled_ranks(self.world_size, answers or {self.rank: answer})
         try:
             record_failure(self.run_dir, "hung", message, step=self._step, silent_ranks=silent, behind_ranks=behind)
         except OSError as error:
