@@ -174,6 +174,11 @@ class ImageNetClassifier(pl.LightningModule):
         self.log_totals[:3] += torch.stack((finite_loss, torch.ones_like(finite_loss), (~finite).double()))
         self.log_totals[3] = torch.where(finite, self.log_totals[3], self.log_totals[3].clamp(max=self.global_step))
 
+    def on_train_start(self) -> None:
+        # A fresh interval: a warm-up step on synthetic data before training (train/warmup.py, at
+        # on_fit_start) counts nothing here; it restores buffers, and these are not buffers.
+        self.log_totals, self.agreement = None, None
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.agreement = None  # a new step: the next check agrees afresh
 
