@@ -6,9 +6,9 @@ Bounds (README "When a run goes wrong"):
 - a non-finite train loss on any rank stops the run at the next check, naming the first step;
 - the mean train loss of a log interval, over all ranks, above ``divergence_loss_factor`` × ln(classes)
   stops it: ln(classes) is the loss of a uniform guess, where every run starts (label smoothing
-  lowers the minimum, never raises this); a mean loss ten times it means a geometric-mean probability below classes^-10 for the
-  right class on average, which warm-up noise does not reach (the tiny test run logs at most a
-  quarter of its bound); 10 × ln(1000) = 69 is passed by a run that has left the loss surface (the
+  lowers the minimum, never raises this); a mean loss ten times it gives the right class a
+  geometric-mean probability below classes^-10, which warm-up noise does not reach (the tiny test
+  run logs at most a quarter of its bound); 10 × ln(1000) = 69 is passed by a run that has left the loss surface (the
   LARS run at ``lr: 1e4`` logged 7e7). 0 turns the rule off;
 - a validation top-1 at or below chance (1 / classes) after an earlier validation of the same run
   reached twice chance stops it: a run at chance from the start (early epochs on tiny data) never
