@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flashnet import runfolder
 
 
@@ -51,3 +53,15 @@ def test_run_total_steps_counts_epochs_by_the_runs_rule():
     assert run_total_steps(nvidia, 1_281_167) == 2 * 393  # ceil(floor(1,281,167 / 16) / 204)
     assert run_total_steps({**nvidia, "epoch_steps": "floor"}, 1_281_167) == 2 * 392
     assert run_total_steps({"epochs": 2, "batch_size": 3264}, 1_281_167) == 2 * 392  # a run written before the key
+def test_a_failure_record_reads_back_and_a_half_written_one_reads_as_none(tmp_path):
+    from flashnet.runfolder import FAILURE_FILE, failure_state, read_failure, record_failure
+
+    assert read_failure(tmp_path) is None
+    record_failure(tmp_path, "diverged", "train loss 1e+15 is above ...\nmore", step=40)
+    record = read_failure(tmp_path)
+    assert record == {"kind": "diverged", "message": "train loss 1e+15 is above ...\nmore", "step": 40}
+    assert failure_state(record) == "diverged: train loss 1e+15 is above ..."
+    (tmp_path / FAILURE_FILE).write_text('{"kind": "hung", "mess')
+    assert read_failure(tmp_path) is None
+    with pytest.raises(ValueError, match="not one of"):
+        record_failure(tmp_path, "tired", "x")

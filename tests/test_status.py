@@ -126,6 +126,23 @@ def test_failed_with_the_reason_from_the_rule_log(tmp_path):
                        "infinite at step 17; stopping")
 
 
+def test_diverged_and_hung_runs_say_so_from_the_jobs_own_record(tmp_path):
+    from flashnet.runfolder import record_failure
+
+    log = "flashnet train: job 42 (FAILED) failed:\nflashnet.train.health.Diverged: train loss 7e+07 ...\n"
+    run_dir = make_run(tmp_path, "r", epochs=1, job=("slurm", "42"), log=log, checkpoint=True)
+    record_failure(run_dir, "diverged", "train loss 7e+07 (mean over all ranks, up to step 20) is above "
+                                        "divergence_loss_factor 10 × ln(1000 classes) = 69.1; the run diverged")
+    state = status_of(tmp_path, "r", "42|FAILED|flashnet-n1|50|1:0\n").state
+    assert state == ("diverged: train loss 7e+07 (mean over all ranks, up to step 20) is above "
+                     "divergence_loss_factor 10 × ln(1000 classes) = 69.1; the run diverged")
+    record_failure(run_dir, "hung", "watchdog: no training step for 61 s (limit 60 s); rank(s) 3 did not answer")
+    assert status_of(tmp_path, "r", SACCT_CANCELLED).state == (
+        "failed: hung: watchdog: no training step for 61 s (limit 60 s); rank(s) 3 did not answer")
+    # a job of the run running again: its state, not the last job's record
+    assert status_of(tmp_path, "r", SACCT_RUNNING).state.startswith("running")
+
+
 def test_failed_by_slurm_alone(tmp_path):
     make_run(tmp_path, "r", job=("slurm", "42"))  # the waiter was killed before it could say why
     assert status_of(tmp_path, "r", SACCT_CANCELLED).state == "failed: SLURM says CANCELLED"

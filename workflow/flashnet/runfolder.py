@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .files import write_json
 from .train import schedule
 
 
@@ -26,6 +27,28 @@ STEPS_FILE = "steps.csv"  # a row every log_every_steps
 METRICS_COLUMNS = ("epoch", "step", "wall_s", "train_loss", "val_top1", "val_top5", "images_per_s", "lr",
                    "validation_s")
 STEPS_COLUMNS = ("step", "epoch", "wall_s", "lr", "train_loss", "images_per_s")
+# Why a training job stopped without finishing, when it knew: {"kind", "message", "step", ...}, written
+# by the job (rank 0, or the watchdog's reporting rank) and removed when a job of the run starts.
+FAILURE_FILE = "failure.json"
+FAILURE_KINDS = ("diverged", "hung")  # diverged: non-finite loss, loss bound, validation at chance
+
+
+def record_failure(run_dir: Path, kind: str, message: str, **details: Any) -> None:
+    if kind not in FAILURE_KINDS:
+        raise ValueError(f"failure kind {kind!r} is not one of {FAILURE_KINDS}")
+    write_json(Path(run_dir) / FAILURE_FILE, {"kind": kind, "message": message, **details})
+
+
+def read_failure(run_dir: Path) -> dict[str, Any] | None:
+    """The run's failure record, if its last job left one (a half-written one reads as none)."""
+    record = read_json(Path(run_dir) / FAILURE_FILE)
+    return record if record and record.get("kind") in FAILURE_KINDS and "message" in record else None
+
+
+def failure_state(record: dict[str, Any]) -> str:
+    """The state word status and report show: ``diverged: <why>`` or ``failed: hung: <why>``."""
+    first_line = str(record["message"]).strip().splitlines()[0] if str(record["message"]).strip() else ""
+    return f"diverged: {first_line}" if record["kind"] == "diverged" else f"failed: {record['kind']}: {first_line}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

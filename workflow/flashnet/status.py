@@ -19,8 +19,8 @@ from . import config as cfg
 from .jobs import slurm
 from .jobs.lock import local_job_alive
 from .progress import format_duration
-from .runfolder import (epoch_rows, eta_s, last_step_row, read_json, short_reason, time_to_target,
-                        run_total_steps)
+from .runfolder import (epoch_rows, eta_s, failure_state, last_step_row, read_failure, read_json, run_total_steps,
+                        short_reason, time_to_target)
 
 # The workflow this package belongs to (workflow/flashnet/ in it): its schema and presets.
 WORKFLOW_DIR = cfg.WORKFLOW_ROOT
@@ -105,8 +105,10 @@ def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples:
         status.state = finished_state(run_dir, results_dir / "logs" / "evaluate" / f"{name}.log", job)
         status.job = f"{job[1]} ({job[0]})" if job else ""
         return status
+    recorded = read_failure(run_dir)  # the job's own word on why it stopped: diverged, hung
     if job is None:
-        status.state = failure(text) or ("stopped" if step else "not started")
+        status.state = (failure_state(recorded) if recorded else None) or failure(text) or \
+            ("stopped" if step else "not started")
         return status
     cluster, job_id, waiting = job
     status.job = f"{job_id} ({cluster})"
@@ -117,6 +119,8 @@ def run_status(name: str, run: dict[str, Any], results_dir: Path, train_samples:
         if state == "running":
             status.eta = format_duration(eta_s(step, run_total_steps(run, train_samples),
                                                wall))
+    elif recorded:
+        status.state = failure_state(recorded)
     elif failure(text):
         status.state = failure(text)
     elif state:

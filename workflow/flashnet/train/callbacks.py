@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
 
 from ..files import atomic_path
 from ..progress import format_duration
@@ -51,6 +49,15 @@ def write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def logged_loss(pl_module, outputs) -> float:
+    """A log step's train loss: the mean over all ranks since the last log step, as RunHealth agreed
+    it at this batch end; this rank's last loss where no agreement was taken (no RunHealth)."""
+    agreed = getattr(pl_module, "agreement", None)
+    if agreed is not None and agreed.mean_loss is not None:
+        return agreed.mean_loss
+    return float(outputs["loss"] if isinstance(outputs, dict) else outputs)
 
 
 class RunRecords(pl.Callback):
@@ -91,13 +98,13 @@ class RunRecords(pl.Callback):
             return
         rate = self._rate(trainer, self._mark)
         self._mark = self._point(trainer)
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = logged_loss(pl_module, outputs)
         self.steps.append({
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
             "wall_s": round(self.clock.elapsed(trainer), 3),
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),  # LARS: a device tensor
-            "train_loss": round(float(loss), 5),
+            "train_loss": round(loss, 5),
             "images_per_s": round(rate, 1),
         })
 
@@ -215,9 +222,9 @@ class PlainProgress(pl.Callback):
         # img/s over training time; the ETA at the wall-clock pace, validations and checkpoints included
         rate = (step - last_step) * self.global_batch / max(trained - last_trained, 1e-9)
         eta = (self.total_steps - step) * (wall - last_wall) / (step - last_step) if step > last_step else math.inf
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = logged_loss(pl_module, outputs)
         print(f"epoch {trainer.current_epoch + 1}/{math.ceil(self.epochs)} step {step}/{self.total_steps} "
-              f"loss {float(loss):.4f} lr {float(trainer.optimizers[0].param_groups[0]['lr']):.4g} "
+              f"loss {loss:.4f} lr {float(trainer.optimizers[0].param_groups[0]['lr']):.4g} "
               f"{rate:.0f} img/s ETA {format_duration(eta) if math.isfinite(eta) else '?'}",
               file=self.stream, flush=True)
 
@@ -256,15 +263,15 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         with self.clock.timed(CHECKPOINT, trainer) if self.clock else contextlib.nullcontext():
             save_resume(trainer, self.path)  # the previous checkpoint survives until this one is complete
 
+    def agreement_flags(self, trainer) -> dict[str, bool]:
+        """What every rank must agree on at a check (any rank's true wins); RunHealth asks the same."""
+        return {"stop": self.stop.requested}
+
     def _agree(self, trainer, pl_module) -> tuple[bool, int]:
-        flags = torch.stack([
-            torch.tensor(int(self.stop.requested), device=pl_module.device),
-            pl_module.first_nonfinite_step.to(torch.long),
-        ])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, nonfinite_step = (int(v) for v in flags.tolist())
-        return bool(stop), nonfinite_step
+        # The module's one all-reduce per batch end, shared with RunHealth (which takes it first at
+        # log steps, so the logged loss is over all ranks).
+        agreed = pl_module.agree_across_ranks(self.agreement_flags(trainer))
+        return agreed.stop, agreed.nonfinite_step
 
     def _agree_and_check(self, trainer, pl_module) -> bool:
         """Agree across ranks; fail on a non-finite loss seen since the start, naming its step."""

@@ -24,6 +24,7 @@ from ..files import write_json
 from ..jobs.submit import run_job, submit
 from ..jobs.task import Preemption, lightning_environment, resubmission
 from ..progress import format_duration
+from ..runfolder import FAILURE_FILE
 from ..watch import ProgressLines, open_progress_fd
 from . import checkpoints
 from .callbacks import Preempted, StopRequest
@@ -31,6 +32,7 @@ from .recipe import TrainSpec, train
 from .schedule import run_steps_per_epoch
 from .trackers import TRACKER_KEYS, check_trackers
 from .trainer import resolve_accelerator
+from .watchdog import Watchdog, WatchdogLimits
 
 
 class TrainJob:
@@ -47,6 +49,7 @@ class TrainJob:
 
     def before_submit(self) -> str:
         set_aside_stale_checkpoint(self.spec, self.fresh)
+        (Path(self.spec.out_dir) / FAILURE_FILE).unlink(missing_ok=True)  # the last job's; this one starts clean
         resume_from = checkpoints.choose_resume(self.spec.checkpoint, set_aside=True)
         return f" (resuming from {resume_from})" if resume_from else ""
 
@@ -54,7 +57,8 @@ class TrainJob:
         stop = StopRequest()
         preemption = Preemption(stop.request)
         try:
-            return train(self.spec, lightning_environment(), stop)
+            watchdog = Watchdog(WatchdogLimits.from_launcher(self.spec.launcher), Path(self.spec.out_dir))
+            return train(self.spec, lightning_environment(), stop, extra_callbacks=[watchdog])
         except Preempted as preempted:
             print(f"{preempted}; requeueing", flush=True)
             preemption.hand_over()

@@ -10,10 +10,13 @@ Both take their inputs from a :class:`~flashnet.data.batch.Batch` through :func:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 from torchmetrics import SumMetric
@@ -69,6 +72,49 @@ def classifier_bias(model: nn.Module) -> list[torch.Tensor]:
     return [linears[-1].bias] if linears else []
 
 
+def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm layer's running mean and variance (not its batch counter), in module order."""
+    return [stat for layer in model.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+            for stat in (layer.running_mean, layer.running_var)]
+
+
+def average_batchnorm_statistics(model: nn.Module) -> None:
+    """Every rank's BN running statistics replaced by their mean over all ranks, in one all-reduce
+    of all of them flattened together (a collective: call on every rank).
+
+    Without DDP's buffer broadcast each rank keeps the statistics of its own batches; NVIDIA's MLPerf
+    ResNet averages them before every evaluation (``reduce_batchnorm_stats`` in ``common/fit.py`` of
+    mlcommons/training_results_v3.1 NVIDIA/benchmarks/resnet/implementations/mxnet, a grouped
+    Horovod all-reduce, whose default op is the average), so validation and model.pt see the
+    statistics of the whole global batch, not one rank's."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    stats = batchnorm_statistics(model)
+    for dtype in sorted({stat.dtype for stat in stats}, key=str):  # fp32 in practice; one all-reduce per dtype
+        same = [stat for stat in stats if stat.dtype == dtype]
+        flat = torch.cat([stat.reshape(-1) for stat in same])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for stat, mean in zip(same, flat.split([stat.numel() for stat in same])):
+            stat.copy_(mean.view_as(stat))
+
+
+@dataclasses.dataclass(frozen=True)
+class RankAgreement:
+    """What all ranks agreed on at a check: each named flag (true where any rank's was, e.g.
+    ``stop``: a stop was requested), the first step at which any rank saw a non-finite loss (-1:
+    none), and the mean train loss over all ranks since the last log step (None: no step since)."""
+
+    flags: dict[str, bool]
+    nonfinite_step: int  # -1: every loss since the last check was finite
+    mean_loss: float | None
+
+    @property
+    def stop(self) -> bool:
+        return self.flags.get("stop", False)
+
+
 def build_optimizer(run: RunConfig, model: nn.Module, schedule: WarmupPolySchedule | None = None
                     ) -> torch.optim.Optimizer:
     """LARS (stepping ``schedule`` itself, on the device, when given) or torch's SGD."""
@@ -100,6 +146,10 @@ def accuracy_metrics(num_classes: int) -> tuple[MulticlassAccuracy, MulticlassAc
                  for k in (1, min(5, num_classes)))
 
 
+def fresh_log_totals(device: torch.device) -> torch.Tensor:
+    return torch.tensor([0.0, 0.0, 0.0, math.inf], dtype=torch.float64, device=device)
+
+
 class ImageNetClassifier(pl.LightningModule):
     def __init__(self, run: dict[str, Any], num_classes: int, schedule: dict[str, Any]):
         super().__init__()
@@ -113,7 +163,13 @@ class ImageNetClassifier(pl.LightningModule):
         # Saved in resume checkpoints (not in model.pt), so an epoch's mean loss survives a requeue.
         self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
+        # This rank's first non-finite step (-1: none), as bench/gpu reads it; the run's checks use log_totals.
         self.register_buffer("first_nonfinite_step", torch.full((), -1, dtype=torch.long))
+        # Since the last check, on this rank: [finite losses' sum, steps, non-finite losses, first
+        # non-finite step (inf: none)]. Not a buffer, so DDP's buffer broadcast never overwrites it
+        # with rank 0's and checkpoints do not carry it; reduced over the ranks by agree_across_ranks.
+        self.log_totals: torch.Tensor | None = None
+        self.agreement: RankAgreement | None = None  # this batch end's agreement, once taken
 
     def setup(self, stage: str) -> None:
         # Runs after the process group is up and before DDP wraps the model.
@@ -126,14 +182,67 @@ class ImageNetClassifier(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, labels = model_inputs(batch, self.run_config.image_size, self.device)
         loss = self.criterion(self(images), labels)
-        detached = loss.detach()
-        finite = torch.isfinite(detached)
-        self.first_nonfinite_step.copy_(torch.where(
-            (~finite) & (self.first_nonfinite_step < 0), self.global_step, self.first_nonfinite_step,
-        ))
-        self.loss_sum += torch.where(finite, detached.double(), 0.0)
-        self.loss_count += 1
+        self.count_loss(loss.detach())
         return loss
+
+    def count_loss(self, loss: torch.Tensor) -> None:
+        """Device-side bookkeeping of this step's loss: no host sync (read at checks only)."""
+        finite = torch.isfinite(loss)
+        self.first_nonfinite_step.copy_(torch.where(
+            (~finite) & (self.first_nonfinite_step < 0), self.global_step, self.first_nonfinite_step))
+        finite_loss = torch.where(finite, loss.double(), 0.0)
+        self.loss_sum += finite_loss
+        self.loss_count += 1
+        if self.log_totals is None or self.log_totals.device != finite_loss.device:
+            self.log_totals = fresh_log_totals(finite_loss.device)
+        self.log_totals[:3] += torch.stack((finite_loss, torch.ones_like(finite_loss), (~finite).double()))
+        self.log_totals[3] = torch.where(finite, self.log_totals[3], self.log_totals[3].clamp(max=self.global_step))
+
+    def on_train_start(self) -> None:
+        # A fresh interval: a warm-up step on synthetic data before training (train/warmup.py, at
+        # on_fit_start) counts nothing here; it restores buffers, and these are not buffers.
+        self.log_totals, self.agreement = None, None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.agreement = None  # a new step: the next check agrees afresh
+
+    def agree_across_ranks(self, flags: dict[str, bool]) -> RankAgreement:
+        """One all-reduce of [loss sum, steps, non-finite losses, *flags] over all ranks, taken once
+        per batch end (a second call in the same batch end returns the first's answer, so the
+        callbacks asking give the same flags: :meth:`.callbacks.ResumeCheckpoints.agreement_flags`);
+        a collective: every rank calls it at the same points. A second, one-number all-reduce finds
+        the first non-finite step, only on the way to failing. The loss interval restarts at log steps."""
+        if self.agreement is not None:
+            return self.agreement
+        if self.log_totals is None:
+            self.log_totals = fresh_log_totals(self.device)
+        totals = self.log_totals
+        asked = torch.tensor([float(value) for value in flags.values()], dtype=torch.float64, device=totals.device)
+        reduced = torch.cat((totals[:3], asked))
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(reduced)
+        loss_sum, steps, nonfinite, *raised = reduced.tolist()
+        nonfinite_step = -1
+        if nonfinite:
+            first = totals[3:].clone()
+            if distributed:
+                dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            nonfinite_step = int(first.item())
+        if self.global_step % self.run_config.log_every_steps == 0:
+            totals.zero_()
+            totals[3] = math.inf
+        self.agreement = RankAgreement({name: count > 0 for name, count in zip(flags, raised)}, nonfinite_step,
+                                       loss_sum / steps if steps else None)
+        return self.agreement
+
+    def on_validation_start(self) -> None:
+        self.agreement = None  # a stop may be asked for during validation: the next check agrees afresh
+        if not self.trainer.sanity_checking:
+            average_batchnorm_statistics(self.model)  # validation sees the statistics of every rank
+
+    def on_train_end(self) -> None:
+        average_batchnorm_statistics(self.model)  # model.pt holds the statistics of every rank
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, labels = model_inputs(batch, self.run_config.image_size, self.device)

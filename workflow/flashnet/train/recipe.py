@@ -24,11 +24,12 @@ from ..config import LauncherConfig, MlperfConfig, RunConfig
 from ..data.epochs import TrainSamples, shard_paths
 from ..files import write_json
 from ..mlperf.log import MLPerfLog, platform_name
-from ..runfolder import SUMMARY_FILE
+from ..runfolder import SUMMARY_FILE, record_failure
 from . import checkpoints
-from .callbacks import EvalSchedule, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
+from .callbacks import EvalSchedule, NonFiniteLoss, PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
 from .clock import TrainClock
 from .datamodule import ShardData
+from .health import Diverged, RunHealth
 from .modelfile import save_model
 from .module import ImageNetClassifier
 from .schedule import run_steps_per_epoch, schedule_for_run, total_steps
@@ -119,16 +120,21 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     records = RunRecords(out_dir, clock, run.batch_size, spe, run.log_every_steps, run.target_top1)
     spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     eval_schedule = EvalSchedule(run.is_eval_epoch, run.target_top1, run.stop_at_target)
+    checkpointing = ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
+                                      scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch,
+                                      clock=clock)
     callbacks = [
         *extra_callbacks,
         clock,
+        # first at a batch end: the ranks' one agreement, the loss over all ranks, the divergence rules
+        RunHealth(checkpointing.agreement_flags, run.log_every_steps, train_manifest["classes"],
+                  run.divergence_loss_factor, records),
         records,
         ForwardRecords(records, {"run_name": spec.name, **run.to_dict()}, out_dir),  # to the trackers, if any
         eval_schedule,  # before the checkpoint, so a checkpoint after the target says the run stopped
         *warmup_callbacks(run, val_manifest),  # on_fit_start: before mlperf_log's init_stop and run_start
         mlperf_log,
-        ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
-                          scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch, clock=clock),
+        checkpointing,
     ]
     interactive = sys.stderr.isatty()
     if not interactive:
@@ -154,7 +160,12 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         if resume:
             print(f"resuming from {resume}", flush=True)
     # Resume checkpoints hold tensors and plain values only, so nothing in them is unpickled as code.
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    except (NonFiniteLoss, Diverged) as diverged:  # every rank raises it; status and report read the record
+        if trainer.is_global_zero:
+            record_failure(out_dir, "diverged", str(diverged), step=trainer.global_step)
+        raise
 
     if not trainer.is_global_zero:
         return None
