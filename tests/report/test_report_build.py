@@ -145,8 +145,8 @@ def test_a_partial_report_covers_the_runs_that_finished_and_lists_the_others_wit
     runs_dir = two_runs[0].parent
     diverged = runs_dir / "lr-1e4"
     diverged.mkdir()
-    (diverged / "failure.json").write_text(json.dumps({"kind": "diverged", "message": "loss 7e+07 at step 40,\n"
-                                                       "100x the first steps' 2.3"}))
+    (diverged / "failure.json").write_text(json.dumps({"kind": "diverged", "message": "loss 7e+07 at step 40, 100x the first steps' 2.3\n"
+                                                       "(the last resume checkpoint is kept)"}))
     crashed = runs_dir / "crashed"
     crashed.mkdir()
     (crashed / "summary.json").write_text(json.dumps({"run": "crashed", "finished": False}))

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..data.sources import DataError
-from ..runfolder import METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, SUMMARY_FILE
+from ..runfolder import (METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, SUMMARY_FILE, failure_state,
+                         read_failure)
 
 EVAL_FILE = "eval.json"
 # Measured since runs time their validations and checkpoints; older run folders lack them.
@@ -172,10 +173,6 @@ def load_run(folder: str | Path) -> RunResults:
     )
 
 
-# Why a run stopped, written into its folder by the job layer: {"kind": "diverged" | "failed", "message": ...}
-FAILURE_FILE = "failure.json"
-
-
 @dataclasses.dataclass(frozen=True)
 class UnfinishedRun:
     """A run the report lists without results: its name and why it has none."""
@@ -198,12 +195,9 @@ def unfinished_reason(folder: Path, logs_dir: Path) -> str:
     """One line on why a run has no results: the run's own failure.json where the job wrote one,
     else which stage stopped and the log that says why."""
     name = folder.name
-    try:
-        failure = json.loads((folder / FAILURE_FILE).read_text())
-        kind, message = failure.get("kind", "failed"), " ".join(str(failure.get("message", "")).split())
-        return f"{kind}: {message}" if message else str(kind)
-    except (OSError, ValueError, AttributeError):
-        pass
+    recorded = read_failure(folder)
+    if recorded:
+        return failure_state(recorded)
     try:
         trained = json.loads((folder / SUMMARY_FILE).read_text()).get("finished") is True
     except (OSError, ValueError, AttributeError):
