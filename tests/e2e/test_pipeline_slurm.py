@@ -203,8 +203,9 @@ def test_training_survives_usr2_and_requeue(slurm_run, slurm_cluster, slurm_env,
     after_usr2, after_requeue = (progress_steps(part)[0] for part in train_log.split("resuming from")[1:])
     every = CONFIG["runs"][RUN]["log_every_steps"]
     assert after_usr2 == stopped + every  # nothing lost: the checkpoint was taken at the stop
-    # from the last periodic checkpoint before the requeue
-    assert stopped < after_requeue <= requeued_at + CONFIG["runs"][RUN]["checkpoint_every_steps"]
+    # from the last periodic checkpoint before the requeue (checkpoint_every_minutes 0: at every check,
+    # or the one before if that write was still in flight)
+    assert stopped < after_requeue <= requeued_at + every
     assert slurm_cluster.wait_job(job_id, timeout=60) == "COMPLETED"  # sacct lags the controller
     runs = allocations(slurm_cluster, job_id)
     assert [r["State"] for r in runs] == ["REQUEUED", "REQUEUED", "COMPLETED"], runs
@@ -263,7 +264,7 @@ def test_status_and_terminal_lines_follow_a_queued_running_and_requeued_job(slur
         # Past the first periodic checkpoint (SIGTERM from `scontrol requeue` checkpoints nothing), so the
         # requeued job resumes from it.
         checkpoint = workflow.workdir / "results" / "runs" / RUN / "checkpoints" / "last.ckpt"
-        first_checkpoint = CONFIG["runs"][RUN]["checkpoint_every_steps"]
+        first_checkpoint = CONFIG["runs"][RUN]["log_every_steps"]  # checkpoint_every_minutes 0: every check
         running = wait_for(lambda: status_row(workflow, slurm_cluster, "running")
                            if latest_step(workflow) > first_checkpoint and checkpoint.exists() else None, 300,
                            lambda: f"status: running, past step {first_checkpoint}; it printed: {LAST_STATUS[0]}")

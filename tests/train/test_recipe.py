@@ -75,7 +75,7 @@ def test_summary_says_where_the_training_time_went(finished_run):
     assert sum(summary[key] for key in parts) == pytest.approx(summary["train_seconds"], abs=0.01)
     assert all(summary[key] > 0 for key in parts)
     assert summary["validations"] == 3 and summary["job_segments"] == 1
-    assert summary["checkpoints"] == 3  # after each epoch's validation (checkpoint_every_steps is longer)
+    assert summary["checkpoints"] == 1  # at the end only: checkpoint_every_minutes (10) is longer than the run
     assert sum(float(r["validation_s"]) for r in rows) == pytest.approx(summary["validation_seconds"], abs=0.01)
     # images/s over training steps only: the first step (start-up) and the other phases left out
     assert summary["images_per_s"] == pytest.approx((30 - 1) * 16 / summary["step_seconds"], rel=1e-3)
@@ -137,7 +137,7 @@ def test_nonfinite_loss_between_checks_fails_at_the_epoch_end(tiny_dataset, tmp_
     """No check step falls inside the run: the epoch-end check still catches it, before the
     resume checkpoint is overwritten."""
     spec = make_spec(tiny_dataset, tmp_path, optimizer="sgd", lr=1e6, warmup_epochs=0.1, epochs=1,
-                     log_every_steps=10_000, checkpoint_every_steps=10_000)
+                     log_every_steps=10_000)
     with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
         train(spec, None, StopRequest())
     assert not spec.checkpoint.exists()
@@ -244,7 +244,7 @@ def test_lars_epsilon_reaches_the_optimizer(tiny_run):
 def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_one(tiny_dataset, finished_run, tmp_path, capsys):
     """Issue 14, case 3: a truncated last.ckpt made every rerun fail in torch, naming no file."""
     reference, reference_summary = finished_run
-    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=1, checkpoint_every_steps=3)
+    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=3, checkpoint_every_minutes=0)
     stop = StopRequest()
     with pytest.raises(Preempted, match="stopped"):
         train(spec, None, stop, extra_callbacks=[StopAtStep(stop, 7)])
