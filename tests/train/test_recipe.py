@@ -259,3 +259,32 @@ def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_one(tiny_datas
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
     assert not spec.checkpoint.exists() and not previous.exists()
+
+
+class CrashAtStep(pl.Callback):
+    """A job that dies at step ``step`` (a node failure, an OOM): no stop request, no last checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("node lost")
+
+
+def test_resume_from_a_background_checkpoint_is_exact(tiny_dataset, finished_run, tmp_path):
+    """Issue 20: periodic checkpoints are written by a thread from a host copy while training goes
+    on; a run that crashed after them resumes from the newest and ends with the uninterrupted run's
+    weights bit for bit (log_every_steps and checkpoint_every_minutes differ: they do not change the result)."""
+    reference, reference_summary = finished_run
+    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=5, checkpoint_every_minutes=0)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(spec, None, StopRequest(), extra_callbacks=[CrashAtStep(13)])
+    state = torch.load(spec.checkpoint, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 10  # step 5 (in the background), then after epoch 1's validation
+    assert torch.load(spec.checkpoint.with_name("last.prev.ckpt"), weights_only=True)["global_step"] == 5
+    summary = train(spec, None, StopRequest())
+    assert summary["steps"] == reference_summary["steps"]
+    expected, resumed = load_weights(reference), load_weights(tmp_path)
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
