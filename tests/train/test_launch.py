@@ -168,3 +168,20 @@ def test_another_device_layout_at_the_same_global_batch_resumes_and_says_so(tiny
     said.clear()
     bigger = spec_of(tiny_dataset, tmp_path, devices_per_node=1, batch_size=32)  # another global batch
     assert launch.decide_resume(bigger, say=said.append) is None and "batch_size: 16 → 32" in said[0]
+
+
+def test_the_set_aside_line_reaches_the_terminal_of_the_person_running_snakemake(tiny_dataset, tmp_path):
+    """Issue 22, case 1: the line was only in the train log. The rule's waiting process passes its
+    progress lines' ``say`` (fd 3 → Snakemake's stderr); the pickled job keeps no terminal."""
+    import io
+    import pickle
+
+    from flashnet.watch import ProgressLines
+
+    terminal = io.StringIO()
+    interrupted_run(spec_of(tiny_dataset, tmp_path))
+    job = launch.TrainJob(spec_of(tiny_dataset, tmp_path, lr=2.0), say=ProgressLines("train tiny", terminal).say)
+    assert job.before_submit() == ""
+    assert terminal.getvalue().startswith("[train tiny] the run's settings changed since ")
+    assert "(lr: 1.0 → 2.0)" in terminal.getvalue()
+    assert pickle.loads(pickle.dumps(job)).say is print

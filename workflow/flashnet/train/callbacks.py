@@ -290,12 +290,13 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
     def save(self, trainer: pl.Trainer, wait: bool) -> None:
         """Checkpoint now: rank 0 copies the state to the host and writes it in the background;
         ``wait`` (stop, end): until it is on disk, all ranks leaving together. Without ``wait`` a
-        write still in flight makes this one skipped (:class:`.checkpoints.BackgroundWriter`)."""
+        write still in flight makes this one skipped, and it is due again at the next check
+        (:class:`.checkpoints.BackgroundWriter` says why)."""
         with self.clock.timed(CHECKPOINT, trainer) if self.clock else contextlib.nullcontext():
             if trainer.is_global_zero:
-                if wait or not self.writer.busy:
+                if wait or not self.writer.busy:  # else skipped: due again at the next check
                     self.writer.start(self._snapshot(trainer))
-                self._last_written = time.monotonic()
+                    self._last_written = time.monotonic()
                 if wait:
                     self.writer.wait()
             if wait:
