@@ -93,10 +93,11 @@ def test_checkpoints_never_pass_through_tmpdir(tmp_path, monkeypatch):
     folder first; with a temp folder that cannot be written, the checkpoint is still written."""
     import tempfile
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-tmp"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
-    with pytest.raises(FileNotFoundError):
-        tempfile.mkstemp()  # what fsspec's transaction does first
+    (tmp_path / "a-file").write_text("")  # a temp folder under a file: nothing can create or write it
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "a-file" / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file" / "tmp"))
+    with pytest.raises(NotADirectoryError):
+        tempfile.mkstemp()  # what fsspec's transaction (Lightning's atomic save) does first
     last = tmp_path / "run" / "last.ckpt"
     last.parent.mkdir()
     checkpoints.write_resume({"weights": torch.ones(3)}, last)

@@ -288,3 +288,19 @@ def test_resume_from_a_background_checkpoint_is_exact(tiny_dataset, finished_run
     expected, resumed = load_weights(reference), load_weights(tmp_path)
     for name in expected:
         assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_a_run_checkpoints_with_no_usable_temp_folder(tiny_dataset, tmp_path, monkeypatch):
+    """Issue 22, case 3: with $TMPDIR pointing nowhere (as a full or missing node-local /tmp), the
+    stop checkpoint is still written, in the run folder, and resumed from."""
+    import tempfile
+
+    (tmp_path / "a-file").write_text("")  # a temp folder under a file: nothing can create or write it
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "a-file" / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file" / "tmp"))
+    spec = make_spec(tiny_dataset, tmp_path / "run", epochs=1, warmup_epochs=0.5, log_every_steps=5)
+    stop = StopRequest()
+    with pytest.raises(Preempted, match="stopped at step 5"):
+        train(spec, None, stop, extra_callbacks=[StopAtStep(stop, 5)])
+    assert torch.load(spec.checkpoint, weights_only=True)["global_step"] == 5
+    assert train(spec, None, StopRequest())["steps"] == 10
