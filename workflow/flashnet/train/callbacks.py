@@ -292,14 +292,16 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         ``wait`` (stop, end): until it is on disk, all ranks leaving together. Without ``wait`` a
         write still in flight makes this one skipped, and it is due again at the next check
         (:class:`.checkpoints.BackgroundWriter` says why)."""
+        writes = trainer.is_global_zero and (wait or not self.writer.busy)  # else skipped: due again next check
+        if not (writes or wait):
+            return  # nothing here for training to wait for (nor to time)
         with self.clock.timed(CHECKPOINT, trainer) if self.clock else contextlib.nullcontext():
-            if trainer.is_global_zero:
-                if wait or not self.writer.busy:  # else skipped: due again at the next check
-                    self.writer.start(self._snapshot(trainer))
-                    self._last_written = time.monotonic()
-                if wait:
-                    self.writer.wait()
+            if writes:
+                self.writer.start(self._snapshot(trainer))
+                self._last_written = time.monotonic()
             if wait:
+                if trainer.is_global_zero:
+                    self.writer.wait()
                 trainer.strategy.barrier("resume-checkpoint")
 
     def _due(self, trainer) -> bool:
