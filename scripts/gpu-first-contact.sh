@@ -85,7 +85,7 @@ precision, decode, compile_, epochs = sys.argv[1:]
 run = {**schema_run_defaults(), "model": "$MODEL", "image_size": $IMAGE, "batch_size": $BATCH, "nodes": 1,
        "devices_per_node": 1, "accelerator": "$ACCELERATOR", "precision": precision, "decode_device": decode,
        "compile": compile_ == "true", "epochs": float(epochs), "warmup_epochs": 1, "loader_workers": 2,
-       "checkpoint_every_steps": 5, "log_every_steps": 5}
+       "checkpoint_every_minutes": 0, "log_every_steps": 5}  # 0: a checkpoint at every check (every 5 steps)
 print(json.dumps(RunConfig.from_dict(run, "first-contact").to_dict()))
 EOF
 }

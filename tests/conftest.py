@@ -54,7 +54,7 @@ def make_tiny_run(**overrides) -> dict:
     not named here take the schema's defaults."""
     run = dict(model="resnet18", image_size=32, epochs=2, batch_size=16, lr=1.0, warmup_epochs=1,
                weight_decay=0.0001, precision="32-true", accelerator="cpu", loader_workers=0,
-               crop_scale=[0.35, 1.0], target_top1=0.5, checkpoint_every_steps=1000,
+               crop_scale=[0.35, 1.0], target_top1=0.5, checkpoint_every_minutes=10,
                log_every_steps=2)
     run.update(overrides)
     return RunConfig.from_dict(run).to_dict()

@@ -38,7 +38,7 @@ TINY_CONFIG: dict[str, Any] = {
         "warmup_epochs": 1, "lr_decay_power": 2.0, "end_lr": 0.0001, "momentum": 0.9, "weight_decay": 0.0001,
         "label_smoothing": 0.1, "lars_eta": 0.001, "precision": "32-true", "accelerator": "cpu",
         "nodes": 1, "devices_per_node": 2, "loader_workers": 1, "crop_scale": [0.25, 1.0],
-        "seed": 0, "checkpoint_every_steps": 10, "log_every_steps": 2,
+        "seed": 0, "checkpoint_every_minutes": 0, "log_every_steps": 2,
     }},
     "evaluate": {"batch_size": 20, "devices": 1, "workers": 1},
 }

@@ -75,7 +75,7 @@ def test_summary_says_where_the_training_time_went(finished_run):
     assert sum(summary[key] for key in parts) == pytest.approx(summary["train_seconds"], abs=0.01)
     assert all(summary[key] > 0 for key in parts)
     assert summary["validations"] == 3 and summary["job_segments"] == 1
-    assert summary["checkpoints"] == 3  # after each epoch's validation (checkpoint_every_steps is longer)
+    assert summary["checkpoints"] == 1  # at the end only: checkpoint_every_minutes (10) is longer than the run
     assert sum(float(r["validation_s"]) for r in rows) == pytest.approx(summary["validation_seconds"], abs=0.01)
     # images/s over training steps only: the first step (start-up) and the other phases left out
     assert summary["images_per_s"] == pytest.approx((30 - 1) * 16 / summary["step_seconds"], rel=1e-3)
@@ -138,7 +138,7 @@ def test_nonfinite_loss_between_checks_fails_at_the_epoch_end(tiny_dataset, tmp_
     """No check step falls inside the run: the epoch-end check still catches it, before the
     resume checkpoint is overwritten."""
     spec = make_spec(tiny_dataset, tmp_path, optimizer="sgd", lr=1e6, warmup_epochs=0.1, epochs=1,
-                     log_every_steps=10_000, checkpoint_every_steps=10_000, divergence_loss_factor=0)
+                     log_every_steps=10_000, divergence_loss_factor=0)
     with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
         train(spec, None, StopRequest())
     assert not spec.checkpoint.exists()
@@ -245,7 +245,7 @@ def test_lars_epsilon_reaches_the_optimizer(tiny_run):
 def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_one(tiny_dataset, finished_run, tmp_path, capsys):
     """Issue 14, case 3: a truncated last.ckpt made every rerun fail in torch, naming no file."""
     reference, reference_summary = finished_run
-    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=1, checkpoint_every_steps=3)
+    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=3, checkpoint_every_minutes=0)
     stop = StopRequest()
     with pytest.raises(Preempted, match="stopped"):
         train(spec, None, stop, extra_callbacks=[StopAtStep(stop, 7)])
@@ -260,3 +260,48 @@ def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_one(tiny_datas
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
     assert not spec.checkpoint.exists() and not previous.exists()
+
+
+class CrashAtStep(pl.Callback):
+    """A job that dies at step ``step`` (a node failure, an OOM): no stop request, no last checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("node lost")
+
+
+def test_resume_from_a_background_checkpoint_is_exact(tiny_dataset, finished_run, tmp_path):
+    """Issue 20: periodic checkpoints are written by a thread from a host copy while training goes
+    on; a run that crashed after them resumes from the newest and ends with the uninterrupted run's
+    weights bit for bit (log_every_steps and checkpoint_every_minutes differ: they do not change the result)."""
+    reference, reference_summary = finished_run
+    spec = make_spec(tiny_dataset, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=5, checkpoint_every_minutes=0)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(spec, None, StopRequest(), extra_callbacks=[CrashAtStep(13)])
+    state = torch.load(spec.checkpoint, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 10  # step 5 (in the background), then after epoch 1's validation
+    assert torch.load(spec.checkpoint.with_name("last.prev.ckpt"), weights_only=True)["global_step"] == 5
+    summary = train(spec, None, StopRequest())
+    assert summary["steps"] == reference_summary["steps"]
+    expected, resumed = load_weights(reference), load_weights(tmp_path)
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_a_run_checkpoints_with_no_usable_temp_folder(tiny_dataset, tmp_path, monkeypatch):
+    """Issue 22, case 3: with $TMPDIR pointing nowhere (as a full or missing node-local /tmp), the
+    stop checkpoint is still written, in the run folder, and resumed from."""
+    import tempfile
+
+    (tmp_path / "a-file").write_text("")  # a temp folder under a file: nothing can create or write it
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "a-file" / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file" / "tmp"))
+    spec = make_spec(tiny_dataset, tmp_path / "run", epochs=1, warmup_epochs=0.5, log_every_steps=5)
+    stop = StopRequest()
+    with pytest.raises(Preempted, match="stopped at step 5"):
+        train(spec, None, stop, extra_callbacks=[StopAtStep(stop, 5)])
+    assert torch.load(spec.checkpoint, weights_only=True)["global_step"] == 5
+    assert train(spec, None, StopRequest())["steps"] == 10

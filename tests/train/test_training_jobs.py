@@ -103,3 +103,88 @@ def test_ddp_job_with_trackers_requeued_logs_to_one_run_and_says_so(tiny_dataset
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one folder per job segment, one run id
     assert len({p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")}) == 1
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # rank 0, once per segment
+
+
+# --------------------------------------------------------------------------- another layout at the same global batch
+
+
+def in_process_spec(tiny_dataset, out: Path, devices: int) -> TrainSpec:
+    run = tiny_dataset.run(devices_per_node=devices, batch_size=16, epochs=2, log_every_steps=1)
+    return TrainSpec("ddp", run, str(tiny_dataset.train_manifest), str(tiny_dataset.val_manifest), str(out),
+                     tiny_dataset.launcher(ddp_timeout_s=120, poll_s=0.5))
+
+
+def lr_by_step(out: Path) -> dict[int, float]:
+    import csv
+
+    with (out / "steps.csv").open() as f:
+        return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def one_device_reference(tiny_dataset, tmp_path_factory):
+    from flashnet.train.callbacks import StopRequest
+    from flashnet.train.recipe import train
+
+    out = tmp_path_factory.mktemp("one-device")
+    return out, train(in_process_spec(tiny_dataset, out, 1), None, StopRequest())
+
+
+def test_one_device_to_two_resumes_the_same_schedule_and_says_the_bn_span_changed(tiny_dataset, tmp_path,
+                                                                                  one_device_reference, capsys):
+    """Issue 22, case 1: a run interrupted on 1 device resumes on 2 gloo ranks at the same global
+    batch: the step count and the learning rate at every step are the uninterrupted run's, and the
+    BN span change (16 → 8 samples) is said on the submitting side and in summary.json."""
+    import pytorch_lightning as pl
+
+    from flashnet.train.callbacks import Preempted, StopRequest
+    from flashnet.train.recipe import train
+
+    class StopAt5(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                stop.request("test")
+
+    stop = StopRequest()
+    with pytest.raises(Preempted, match="stopped at step 5"):
+        train(in_process_spec(tiny_dataset, tmp_path, 1), None, stop, extra_callbacks=[StopAt5()])
+    capsys.readouterr()
+    job = launch.submit_training(in_process_spec(tiny_dataset, tmp_path, 2))
+    assert ("resuming on another layout (devices_per_node 1 → 2, per_device_batch 16 → 8, bn_span 16 → 8)"
+            in capsys.readouterr().out)
+    summary = follow.wait(job, 0.5)
+    reference_out, reference = one_device_reference
+    assert summary["world_size"] == 2 and summary["steps"] == reference["steps"] == 20
+    assert summary["layout_changes"] == [{"at_step": 5, "devices_per_node": "1 → 2", "per_device_batch": "16 → 8",
+                                          "bn_span": "16 → 8"}]
+    assert lr_by_step(tmp_path) == lr_by_step(reference_out)
+
+
+def test_two_devices_to_one_resumes_the_same_schedule(tiny_dataset, tmp_path, one_device_reference):
+    """The other way: 2 gloo ranks stopped by USR2 (the job's requeue cancelled), resumed on 1 device."""
+    from flashnet.train.callbacks import StopRequest
+    from flashnet.train.recipe import train
+
+    job = launch.submit_training(in_process_spec(tiny_dataset, tmp_path, 2))
+    wait_for_step(job, 5)
+    for pid in task_pids(tmp_path / "jobs"):
+        os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 120
+    while "requeueing" not in job.paths.stdout.read_text():
+        assert time.monotonic() < deadline, job.paths.stdout.read_text()
+        time.sleep(0.2)
+    job.cancel(check=False)  # the node count changes before the requeued job starts
+    while task_pids(tmp_path / "jobs") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (tmp_path / "jobs" / "active.json").unlink(missing_ok=True)
+    one = in_process_spec(tiny_dataset, tmp_path, 1)
+    said = []
+    assert launch.decide_resume(one, say=said.append) == one.checkpoint
+    assert said[0].startswith("resuming on another layout (devices_per_node 2 → 1, per_device_batch 8 → 16, "
+                              "bn_span 8 → 16)")
+    summary = train(one, None, StopRequest())
+    reference_out, reference = one_device_reference
+    assert summary["steps"] == reference["steps"] == 20
+    (change,) = summary["layout_changes"]
+    assert change["devices_per_node"] == "2 → 1" and change["at_step"] >= 5
+    assert lr_by_step(tmp_path) == lr_by_step(reference_out)

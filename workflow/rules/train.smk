@@ -24,7 +24,7 @@ rule train:
         result=lambda wildcards: pipeline.run_result_json(config, wildcards.run),
         # Every setting, for the command. A param computed from `output` is one Snakemake does not
         # compare between runs (a "derived" param), so a result-neutral key (loggers, tracker
-        # settings, log_every_steps, loader_workers, checkpoint_every_steps) changes no plan.
+        # settings, log_every_steps, loader_workers, checkpoint_every_minutes) changes no plan.
         run=lambda wildcards, output: pipeline.run_json(config, wildcards.run),
         mlperf=pipeline.mlperf_json(config),
         launcher=lambda wildcards, resources: pipeline.train_launcher_json(

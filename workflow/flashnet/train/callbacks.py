@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,8 +21,9 @@ import pytorch_lightning as pl
 from ..files import atomic_path
 from ..progress import format_duration
 from ..runfolder import METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
-from .checkpoints import save_resume
+from .checkpoints import SETTINGS_KEY, BackgroundWriter, host_copy
 from .clock import CHECKPOINT, VALIDATION, TrainClock
+from .module import average_batchnorm_statistics
 
 
 class Preempted(Exception):
@@ -237,64 +239,120 @@ class PlainProgress(pl.Callback):
               file=self.stream, flush=True)
 
 
-class ResumeCheckpoints(pl.callbacks.Checkpoint):
-    """Resume checkpoints at batch boundaries: every ``every_steps`` steps, at the end of each epoch
-    (after validation), and when a stop is requested (written by :func:`.checkpoints.save_resume`).
+def layout_of(run: dict[str, Any]) -> dict[str, int]:
+    """How a run's global batch is split over devices, and the samples each BatchNorm normalises over
+    (``bn_span``, else one device's batch)."""
+    world = run["nodes"] * run["devices_per_node"]
+    return {"nodes": run["nodes"], "devices_per_node": run["devices_per_node"],
+            "per_device_batch": run["batch_size"] // world,
+            "bn_span": run.get("bn_span") or run["batch_size"] // world}
 
-    Every ``check_every`` steps the ranks agree (one all-reduce) on whether a stop was requested on
-    any of them and whether any saw a non-finite loss; both decisions are taken by all at once.
+
+def layout_change(old: dict[str, int], new: dict[str, int]) -> dict[str, str]:
+    """``{key: "old → new"}`` for each layout figure that differs (empty: the same layout)."""
+    return {key: f"{old[key]} → {new[key]}" for key in new if old.get(key) != new[key]}
+
+
+class ResumeCheckpoints(pl.callbacks.Checkpoint):
+    """Resume checkpoints by time and by signal (issue 20), at batch boundaries: every
+    ``every_minutes`` (rank 0's clock), when a stop is requested (preemption, time limit), and after
+    the last validation (the end of training, or the one that reached the target, so a resumed run
+    knows it stopped). Written in the background from a host copy (:class:`.checkpoints.BackgroundWriter`);
+    the stop and end checkpoints wait until they are on disk.
+
+    Every ``check_every`` steps the ranks agree in one all-reduce (MAX) on three flags: a stop
+    requested on any rank, the first non-finite loss step seen on any, and whether rank 0's clock
+    says a checkpoint is due; no other collective runs on the step path. A checkpoint due at the
+    last step of an epoch that validates is written after the validation (a checkpoint there
+    would resume into the validation already run). ``settings`` (:func:`.checkpoints.run_settings`)
+    are written into every checkpoint; the checkpoint's state also records the device layout, so a
+    run resumed on another layout says so (:attr:`layout_changes`, in summary.json).
     """
 
-    def __init__(self, path: Path, every_steps: int, check_every: int, steps_per_epoch: int, stop: StopRequest,
-                 scaler_watch: bool = False, validates: Callable[[int], bool] = lambda epoch: True,
-                 clock: TrainClock | None = None):
+    def __init__(self, path: Path, every_minutes: float, check_every: int, steps_per_epoch: int, stop: StopRequest,
+                 settings: dict[str, Any], scaler_watch: bool = False,
+                 validates: Callable[[int], bool] = lambda epoch: True, clock: TrainClock | None = None):
         self.path = path
-        self.clock = clock  # times each write, when given
-        self.every_steps = every_steps
+        self.clock = clock  # times what training waits for (the host copy; the final waits)
+        self.every_s = every_minutes * 60
         self.check_every = check_every
         self.steps_per_epoch = steps_per_epoch
         self.stop = stop
+        self.settings = settings
+        self.layout = layout_of(settings["run"])
+        self.layout_changes: list[dict[str, Any]] = []  # carried through the checkpoints
         self.validates = validates  # validates(1-based epoch): whether validation follows that epoch
         self.scaler_watch = scaler_watch
-        self._stop_at_epoch_end = False
+        self.writer = BackgroundWriter(path)
+        self._deferred = (False, False)  # (stop, due) agreed at an epoch's last step, acted on after validation
         self._last_scale = None
+        self._last_written = time.monotonic()
 
-    def save(self, trainer: pl.Trainer) -> None:
+    def _snapshot(self, trainer) -> dict[str, Any]:
+        # The dict Trainer.save_checkpoint writes; built on rank 0 alone (no hook of this run's
+        # callbacks or module takes part in a collective; DDP's optimizer state is not sharded).
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        state[SETTINGS_KEY] = self.settings
+        return host_copy(state)
+
+    def save(self, trainer: pl.Trainer, wait: bool) -> None:
+        """Checkpoint now: rank 0 copies the state to the host and writes it in the background;
+        ``wait`` (stop, end): until it is on disk, all ranks leaving together. Without ``wait`` a
+        write still in flight makes this one skipped, and it is due again at the next check
+        (:class:`.checkpoints.BackgroundWriter` says why)."""
+        # Every rank's BN running statistics go into the checkpoint as their mean, not rank 0's alone
+        # (without DDP's buffer broadcast each rank keeps its own), so a resumed run evaluates with the
+        # mean an uninterrupted one would: the statistics never feed back into training, and their mean
+        # at evaluation is the same whenever it is also taken in between. A collective: every rank
+        # takes part before rank 0 decides whether it writes.
+        average_batchnorm_statistics(trainer.lightning_module.model)
+        writes = trainer.is_global_zero and (wait or not self.writer.busy)  # else skipped: due again next check
+        if not (writes or wait):
+            return  # nothing here for training to wait for (nor to time)
         with self.clock.timed(CHECKPOINT, trainer) if self.clock else contextlib.nullcontext():
-            save_resume(trainer, self.path)  # the previous checkpoint survives until this one is complete
+            if writes:
+                self.writer.start(self._snapshot(trainer))
+                self._last_written = time.monotonic()
+            if wait:
+                if trainer.is_global_zero:
+                    self.writer.wait()
+                trainer.strategy.barrier("resume-checkpoint")
+
+    def _due(self, trainer) -> bool:
+        return trainer.is_global_zero and time.monotonic() - self._last_written >= self.every_s
 
     def agreement_flags(self, trainer) -> dict[str, bool]:
-        """What every rank must agree on at a check (any rank's true wins); RunHealth asks the same."""
-        return {"stop": self.stop.requested}
+        """What every rank must agree on at a check (any rank's true wins); RunHealth asks the same.
+        ``due``: rank 0's clock says a periodic checkpoint is due (the other ranks say no)."""
+        return {"stop": self.stop.requested, "due": self._due(trainer)}
 
-    def _agree(self, trainer, pl_module) -> tuple[bool, int]:
+    def _agree(self, trainer, pl_module) -> tuple[bool, int, bool]:
         # The module's one all-reduce per batch end, shared with RunHealth (which takes it first at
         # log steps, so the logged loss is over all ranks).
         agreed = pl_module.agree_across_ranks(self.agreement_flags(trainer))
-        return agreed.stop, agreed.nonfinite_step
+        return agreed.stop, agreed.nonfinite_step, agreed.flags.get("due", False)
 
-    def _agree_and_check(self, trainer, pl_module) -> bool:
-        """Agree across ranks; fail on a non-finite loss seen since the start, naming its step."""
-        stop, nonfinite_step = self._agree(trainer, pl_module)
+    def _agree_and_check(self, trainer, pl_module) -> tuple[bool, bool]:
+        """Agree across ranks on (stop, checkpoint due); fail on a non-finite loss seen since the
+        start, naming its step."""
+        stop, nonfinite_step, due = self._agree(trainer, pl_module)
         if nonfinite_step >= 0:
+            self.writer.wait()  # a write in flight is of an earlier, finite state: let it finish
             raise NonFiniteLoss(f"loss became NaN or infinite at step {nonfinite_step}; stopping (the last resume "
                                 f"checkpoint, if any, is {self.path})")
         self._watch_scaler(trainer)
-        return stop
+        return stop, due
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        periodic = step % self.every_steps == 0
-        last_of_epoch = step % self.steps_per_epoch == 0
-        if step % self.check_every and not periodic and not last_of_epoch:
+        if step % self.check_every:
             return
-        stop = self._agree_and_check(trainer, pl_module)
-        if last_of_epoch and self.validates(trainer.current_epoch + 1):
-            self._stop_at_epoch_end = stop  # the epoch-end checkpoint follows validation
+        stop, due = self._agree_and_check(trainer, pl_module)
+        if step % self.steps_per_epoch == 0 and self.validates(trainer.current_epoch + 1):
+            self._deferred = (stop, due)  # this epoch's checkpoint follows its validation
             return
-        periodic = periodic or last_of_epoch  # an epoch without validation is checkpointed at its end
-        if periodic or stop:
-            self.save(trainer)
+        if due or stop:
+            self.save(trainer, wait=stop)
         if stop:
             raise Preempted(f"stopped at step {step} ({self.stop.reason}); checkpoint {self.path}")
 
@@ -303,11 +361,38 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
             return
         # Checked before saving: a run that went non-finite since the last check (or in the last
         # steps of training) fails here, and its last good checkpoint is kept.
-        stop = self._agree_and_check(trainer, pl_module)
-        self.save(trainer)
-        if stop or self._stop_at_epoch_end:
+        stop, due = self._agree_and_check(trainer, pl_module)
+        stop, due = stop or self._deferred[0], due or self._deferred[1]
+        self._deferred = (False, False)
+        # the end of training, or the validation that reached the target (EvalSchedule runs first)
+        final = trainer.should_stop or trainer.global_step >= trainer.max_steps
+        if stop or due or final:
+            self.save(trainer, wait=stop or final)
+        if stop:
             raise Preempted(f"stopped at the end of epoch {trainer.current_epoch + 1} ({self.stop.reason}); "
                             f"checkpoint {self.path}")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Whatever stops the run, a write in flight completes before the process goes.
+        with contextlib.suppress(OSError):
+            self.writer.wait()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layout": self.layout, "layout_changes": self.layout_changes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.layout_changes = list(state["layout_changes"])
+        change = layout_change(state["layout"], self.layout)
+        if change:
+            self.layout_changes.append({"at_step": None, **change})  # the step is set on_train_start
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_written = time.monotonic()  # the period counts from this job segment's start
+        if self.layout_changes and self.layout_changes[-1]["at_step"] is None:
+            self.layout_changes[-1]["at_step"] = trainer.global_step
+            if trainer.is_global_zero:
+                said = ", ".join(f"{k} {v}" for k, v in self.layout_changes[-1].items() if k != "at_step")
+                print(f"resumed on another layout at step {trainer.global_step}: {said}", flush=True)
 
     def _watch_scaler(self, trainer) -> None:
         """fp16: a falling loss scale means the scaler skipped steps on inf/NaN gradients; say so."""

@@ -119,10 +119,11 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     clock = TrainClock()
     records = RunRecords(out_dir, clock, run.batch_size, spe, run.log_every_steps, run.target_top1)
     spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpointing = ResumeCheckpoints(
+        spec.checkpoint, run.checkpoint_every_minutes, run.log_every_steps, spe, stop,
+        checkpoints.run_settings(run.to_dict(), spec.train_manifest, spec.val_manifest),
+        scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch, clock=clock)
     eval_schedule = EvalSchedule(run.is_eval_epoch, run.target_top1, run.stop_at_target)
-    checkpointing = ResumeCheckpoints(spec.checkpoint, run.checkpoint_every_steps, run.log_every_steps, spe, stop,
-                                      scaler_watch=run.precision == "16-mixed", validates=run.is_eval_epoch,
-                                      clock=clock)
     callbacks = [
         *extra_callbacks,
         clock,
@@ -170,14 +171,15 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     if not trainer.is_global_zero:
         return None
     summary = write_outputs(spec, run, trainer, module, records, clock, train_manifest, accelerator,
-                            eval_schedule.stopped_at_epoch, mlperf_log.summary())
+                            eval_schedule.stopped_at_epoch, mlperf_log.summary(), checkpointing.layout_changes)
     checkpoints.remove_resume(spec.checkpoint)  # finished: a rerun must train afresh, not resume
     return summary
 
 
 def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: ImageNetClassifier,
                   records: RunRecords, clock: TrainClock, train_manifest: dict, accelerator: str,
-                  stopped_at_epoch: int | None, mlperf: dict[str, Any]) -> dict[str, Any]:
+                  stopped_at_epoch: int | None, mlperf: dict[str, Any],
+                  layout_changes: list[dict[str, Any]] = ()) -> dict[str, Any]:
     out_dir = Path(spec.out_dir)
     save_model(out_dir / "model.pt", spec.name, run, train_manifest["wnids"], module.model)
     records.write(trainer)
@@ -189,6 +191,8 @@ def write_outputs(spec: TrainSpec, run: RunConfig, trainer: pl.Trainer, module: 
         "world_size": trainer.world_size,
         "nodes": run.nodes,
         "devices_per_node": run.devices_per_node,
+        # resumed on another split of the global batch: each change (old → new), BN span included
+        "layout_changes": list(layout_changes),
         "accelerator": accelerator,
         "device_name": device_name(accelerator),
         "precision": run.precision,

@@ -94,9 +94,10 @@ def synthetic_project_batch(scale: Scale, device: torch.device, seed: int = 0):
     return Batch(labels, torch.ones(scale.batch_size, dtype=torch.bool), images=images).to(device)
 
 
-def run_callbacks(run: dict[str, Any], root: Path, steps_per_epoch: int) -> list:
+def run_callbacks(run: dict[str, Any], root: Path, steps_per_epoch: int, classes: int = 1000) -> list:
     """The callbacks recipe.train gives every training run that act on each step, built as it
-    builds them: the clock (device-synchronised phase timing), the per-step records, the plain
+    builds them: the clock (device-synchronised phase timing), the ranks' agreement at log steps (loss
+    over all ranks, non-finite and divergence checks), the per-step records, the plain
     progress lines (to the log file a job writes), and the resume checkpoints with their periodic
     stop/non-finite agreement (an all-reduce every ``log_every_steps``). Left out: the MLPerf log,
     the tracker forwarder and the evaluation schedule, which act per epoch or not at all by default.
@@ -104,6 +105,7 @@ def run_callbacks(run: dict[str, Any], root: Path, steps_per_epoch: int) -> list
     from flashnet.config import RunConfig
     from flashnet.train.callbacks import PlainProgress, ResumeCheckpoints, RunRecords, StopRequest
     from flashnet.train.clock import TrainClock
+    from flashnet.train.health import RunHealth
 
     config = RunConfig.from_dict(run, "bench")
     root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,11 @@ def run_callbacks(run: dict[str, Any], root: Path, steps_per_epoch: int) -> list
     records = RunRecords(root, clock, config.batch_size, steps_per_epoch, config.log_every_steps, config.target_top1)
     progress = PlainProgress(clock, max(steps_per_epoch, 1), steps_per_epoch, config.epochs, config.batch_size,
                              config.log_every_steps, stream=open(root / "progress.log", "a"))
-    checkpoints = ResumeCheckpoints(root / "checkpoints" / "last.ckpt", config.checkpoint_every_steps,
-                                    config.log_every_steps, steps_per_epoch, StopRequest(),
+    # The settings a run embeds in its checkpoints (no manifests here: the benchmark's shards are its own).
+    settings = {"run": config.to_dict()}
+    checkpoints = ResumeCheckpoints(root / "checkpoints" / "last.ckpt", config.checkpoint_every_minutes,
+                                    config.log_every_steps, steps_per_epoch, StopRequest(), settings,
                                     scaler_watch=config.precision == "16-mixed", clock=clock)
-    return [clock, records, progress, checkpoints]
+    health = RunHealth(checkpoints.agreement_flags, config.log_every_steps, classes, config.divergence_loss_factor,
+                       records)
+    return [clock, health, records, progress, checkpoints]

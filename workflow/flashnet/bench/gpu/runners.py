@@ -211,7 +211,8 @@ def run_project(config: BenchConfig, ctx: Context, rows: list[dict[str, Any]]) -
                                          compile_mode)
             else:
                 fit_root = ctx.root / f"fit-{config.id}-{scale.batch_size}"
-                callbacks = run_callbacks(module.run_config.to_dict(), fit_root, steps_per_epoch=warmup + steps)
+                callbacks = run_callbacks(module.run_config.to_dict(), fit_root, steps_per_epoch=warmup + steps,
+                                          classes=ctx.scale.num_classes)
                 timing = run_fit_loop(module, batches(warmup + steps), precision, warmup, steps, device, compile_mode,
                                       fit_root, callbacks)
             page_cache = {"page_cache": ctx.last_page_cache} if config.data != "synthetic" else {}
