@@ -98,11 +98,15 @@ def test_more_evaluation_workers_than_cpus_per_task_are_refused_naming_both(conf
         pipeline.evaluate_launcher_json(config, "default", Resources(), "slurm")
 
 
-def test_a_preset_on_the_cpu_defaults_is_refused_naming_its_loader_workers(config):
+def test_a_run_without_loader_workers_follows_the_launcher(config):
+    """The default (auto) is cpus_per_task - 1, at least 1: a preset added on this file's CPU
+    launcher (1 CPU a task) is accepted, and takes 7 workers on a GPU node's 8."""
     config["runs"] = pipeline.expand_presets({"runs": {"b32k": {"preset": "mlperf-lars-b32768"}}}, ROOT)
-    with pytest.raises(cfg.ConfigError, match=r"runs\.b32k\.loader_workers: 4 loader processes per device, but "
-                                              r"launcher\.cpus_per_task is 1"):
-        pipeline.train_launcher_json(config, "b32k", Resources(), "slurm")
+    pipeline.train_launcher_json(config, "b32k", Resources(), "slurm")
+    run = pipeline.run_config(config, "b32k")
+    assert run.loader_workers == "auto"
+    assert [run.loader_processes(cpus) for cpus in (1, 2, 8)] == [1, 1, 7]
+    assert run.replace(loader_workers=3).loader_processes(8) == 3
 
 
 @pytest.mark.parametrize("executor, train_cores, evaluate_cores", [

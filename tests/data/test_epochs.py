@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flashnet.data import epochs, loader
+from flashnet.data import epochs
 from flashnet.data.transforms import Augmentation
 from flashnet.train.schedule import steps_per_epoch
 
@@ -28,11 +28,11 @@ def imagenet() -> epochs.TrainSamples:
     return epochs.TrainSamples(tuple(f"train-{i:06d}.tar" for i in range(len(sizes))), sizes, ranges)
 
 
-def rank_spec(samples, rank: int, epoch: int, **changes) -> loader.TrainStreamSpec:
+def rank_spec(samples, rank: int, epoch: int, **changes) -> epochs.TrainStreamSpec:
     settings = dict(samples=samples, seed=0, epoch=epoch, rank=rank, world_size=WORLD,
                     steps=steps_per_epoch(len(samples), WORLD * PER_DEVICE), batch_size=PER_DEVICE, image_size=224,
                     augmentation=Augmentation(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3)))
-    return loader.TrainStreamSpec(**{**settings, **changes})
+    return epochs.TrainStreamSpec(**{**settings, **changes})
 
 
 def epoch_plan(samples, epoch: int, resume_at: int | None = None, **changes) -> list[list[np.ndarray]]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -252,20 +254,118 @@ def test_an_epoch_longer_than_a_pass_reads_on_into_the_next(data):
         train_spec(data["train"], rank=2, world_size=2, steps=1)
 
 
+# --------------------------------------------------------------------------- the run's loader
+
+RUN_EPOCH_STEPS, RUN_STEPS = 4, 10  # 2.5 epochs: the last one fractional
+
+
+def run_spec(split: Split, start_step: int = 0) -> loader.TrainRunSpec:
+    """A run of 2.5 epochs of 4 steps whose third epoch takes the val transform."""
+    return loader.TrainRunSpec(train_spec(split, steps=RUN_EPOCH_STEPS), RUN_STEPS, start_step, augmenting_epochs=2,
+                               val_resize=VAL_RESIZE)
+
+
+def run_epochs(run: loader.TrainRunSpec, workers: int) -> list[list[Batch]]:
+    """The run loader's batches, epoch by epoch as Lightning iterates it, then shut down."""
+    epochs = loader.train_run_loader(run, workers)
+    try:
+        return [list(epochs) for _ in range(math.ceil(RUN_STEPS / RUN_EPOCH_STEPS) - run.epoch_of(run.start_step))]
+    finally:
+        epochs.close()
+
+
+@pytest.fixture(scope="module")
+def per_epoch_batches(data) -> list[Batch]:
+    """The run's batches from loaders of one epoch each, as training made them before."""
+    run = run_spec(data["train"])
+    return [batch for epoch in range(3) for batch in train_batches(run.epoch_spec(epoch), 0)]
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_the_run_loader_yields_the_per_epoch_loaders_batches_epoch_by_epoch(data, per_epoch_batches, workers):
+    """One loader over the run: the batches of per-epoch loaders, whatever the number of workers,
+    in whole epochs, the last one fractional; the third epoch takes the val transform."""
+    run = run_spec(data["train"])
+    assert [run.epoch_spec(epoch).center_crop_resize for epoch in range(3)] == [None, None, VAL_RESIZE]
+    epochs = run_epochs(run, workers)
+    assert [len(epoch) for epoch in epochs] == [4, 4, 2]
+    assert_same_batches([batch for epoch in epochs for batch in epoch], per_epoch_batches)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+@pytest.mark.parametrize("start_step", [1, 4, 6, 9])
+def test_the_run_loader_resumes_at_the_restored_step(data, per_epoch_batches, workers, start_step):
+    """Resumed at global step k, the first iteration is the rest of k's epoch and the batches are
+    the uninterrupted run's from k on (with 3 workers the first epoch's turn does not start at
+    worker 0 of the next one)."""
+    run = run_spec(data["train"], start_step)
+    epochs = run_epochs(run, workers)
+    assert len(epochs[0]) == run.epoch_stop(run.epoch_of(start_step)) - start_step
+    assert_same_batches([batch for epoch in epochs for batch in epoch], per_epoch_batches[start_step:])
+
+
+def test_the_run_loader_keeps_its_workers_across_epochs_and_reads_nothing_before_a_resume(data, monkeypatch):
+    """The same worker processes make every epoch; closing ends them. A resume at step 9 decodes
+    the one batch left and nothing before it."""
+    epochs = loader.train_run_loader(run_spec(data["train"]), 2)
+    list(epochs)
+    workers = list(epochs._iterator._workers)
+    assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
+    list(epochs), list(epochs)
+    assert epochs._iterator._workers == workers and all(worker.is_alive() for worker in workers)
+    epochs.close()
+    assert not any(worker.is_alive() for worker in workers)
+
+    decoded = []
+    real = loader.decode_crop
+    monkeypatch.setattr(loader, "decode_crop", lambda *args, **kwargs: decoded.append(1) or real(*args, **kwargs))
+    assert [len(epoch) for epoch in run_epochs(run_spec(data["train"], 9), 0)] == [1]
+    assert len(decoded) == BATCH
+
+
+def test_an_epoch_lightning_resumes_with_no_batch_left_yields_none(data):
+    """Resumed from a checkpoint written after an epoch's last step, Lightning first finishes that
+    epoch (no batch left), then starts the next with another iter()."""
+    lightning_epoch = iter([0, 1, 2])
+    epochs = loader.train_run_loader(run_spec(data["train"], 4), 0, current_epoch=lambda: next(lightning_epoch))
+    assert [len(list(epochs)) for _ in range(3)] == [0, 4, 2]
+
+
 # --------------------------------------------------------------------------- val
 
 
-def test_val_assignment_hand_computed():
-    # Shards of 5, 3, 4, 2, 6 samples; 2 ranks, 2 workers each, batches of 2.
-    # rank 0 gets shards 0, 2, 4: worker 0 → 0, 4 (11 samples, 6 batches); worker 1 → 2 (4, 2)
-    # rank 1 gets shards 1, 3:    worker 0 → 1 (3 samples, 2 batches);    worker 1 → 3 (2, 1)
-    assignment, padding = loader.val_assignment((5, 3, 4, 2, 6), world_size=2, workers=2, batch_size=2)
-    assert assignment == [[[0, 4], [2]], [[1], [3]]]
-    assert padding == [0, 5]
-    # No workers is one stream per rank; a rank without shards pads all the way.
-    assignment, padding = loader.val_assignment((5, 3), world_size=3, workers=0, batch_size=2)
-    assert assignment == [[[0]], [[1]], [[]]]
-    assert padding == [0, 1, 3]
+def test_val_batches_hand_computed():
+    """10 samples, 3 ranks, batches of 2: shares 0..3, 3..6, 6..10; the 4-sample rank runs 2
+    batches, the others a short one and a padding batch (empty), so all run 2."""
+    assert [loader.val_share(10, 3, rank) for rank in range(3)] == [range(0, 3), range(3, 6), range(6, 10)]
+    assert loader.val_batches(10, 3, 0, 2) == [range(0, 2), range(2, 3)]
+    assert loader.val_batches(10, 3, 2, 2) == [range(6, 8), range(8, 10)]
+    # More ranks than samples: the rank without a sample pads all the way.
+    assert loader.val_batches(2, 3, 0, 4) == [range(0, 0)] and loader.val_batches(2, 3, 1, 4) == [range(0, 1)]
+
+
+@pytest.mark.parametrize("samples, world_size, workers, batch_size", [
+    (21, 4, 3, 3), (21, 7, 2, 5), (5, 8, 2, 2),  # more ranks than samples (and than shards)
+    (1_000, 64, 8, 7), (50_000, 2_048, 8, 40),  # ImageNet's val at the record's scale
+])
+def test_val_batches_read_every_sample_once_within_one_batch_of_the_balanced_share(samples, world_size, workers,
+                                                                                 batch_size):
+    """Exact-once over all ranks; every rank runs the same number of batches; every rank reads
+    N / world rounded down or up, and every worker of a rank within one batch of its others."""
+    counts = np.zeros(samples, dtype=np.int64)
+    batch_counts = set()
+    for rank in range(world_size):
+        batches = loader.val_batches(samples, world_size, rank, batch_size)
+        batch_counts.add(len(batches))
+        read = [len(batch) for batch in batches]
+        assert sum(read) in (samples // world_size, -(-samples // world_size))
+        per_worker = [sum(read[worker::workers]) for worker in range(workers)]
+        assert max(per_worker) - min(per_worker) <= batch_size
+        for batch in batches:
+            assert 0 < len(batch) <= batch_size or len(batch) == 0
+            counts[batch.start:batch.stop] += 1
+    assert counts.min() == counts.max() == 1, "val samples dropped or repeated"
+    assert len(batch_counts) == 1, f"ranks ran different numbers of batches: {batch_counts}"
 
 
 def expected_val_crops(split: Split) -> dict[bytes, str]:
@@ -280,23 +380,25 @@ def expected_val_crops(split: Split) -> dict[bytes, str]:
 
 
 def val_spec(split: Split, rank: int, world_size: int, workers: int, **changes) -> loader.ValSpec:
-    spec = loader.ValSpec(shards=split.shards, shard_samples=split.shard_samples, rank=rank, world_size=world_size,
-                          batch_size=BATCH, image_size=IMAGE_SIZE, resize=VAL_RESIZE, workers=workers)
+    spec = loader.ValSpec(samples=split.train_samples, rank=rank, world_size=world_size, batch_size=BATCH,
+                          image_size=IMAGE_SIZE, resize=VAL_RESIZE, workers=workers)
     return dataclasses.replace(spec, **changes)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 7])  # 7: more ranks than the 6 shards
 @pytest.mark.parametrize("workers", [0, 1, 2, 3])
 def test_val_reads_every_sample_exactly_once(data, world_size, workers):
     split = data["val"]
     crops = expected_val_crops(split)
-    _, padding = loader.val_assignment(split.shard_samples, world_size, workers, BATCH)
     seen: list[str] = []
     batch_counts = []
     for rank in range(world_size):
         batches = list(loader.val_loader(val_spec(split, rank, world_size, workers)))
         batch_counts.append(len(batches))
-        assert sum(not batch.valid.any() for batch in batches) == padding[rank]
+        padding = sum(not planned for planned in loader.val_batches(len(split.samples), world_size, rank, BATCH))
+        assert sum(not batch.valid.any() for batch in batches) == padding
+        read = sum(int(batch.valid.sum()) for batch in batches)
+        assert read in (len(split.samples) // world_size, -(-len(split.samples) // world_size))
         for batch in batches:
             images, labels, valid = batch.images, batch.labels, batch.valid
             assert images.dtype == torch.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -313,15 +415,24 @@ def test_val_reads_every_sample_exactly_once(data, world_size, workers):
     assert len(set(batch_counts)) == 1, f"ranks ran different numbers of batches: {batch_counts}"
 
 
-def test_val_batches_do_not_depend_on_where_they_are_made(data):
-    """Iterated directly (no DataLoader), ValBatches still batches each worker's shards on their
-    own, so the batch count is the one the padding was planned for."""
-    spec = val_spec(data["val"], rank=0, world_size=2, workers=3)
+def test_val_batches_do_not_depend_on_the_workers_and_persist_across_passes(data):
+    """Iterated directly or through 1 or 3 workers, a rank's val batches are the same, in the same
+    order; a second pass (the next validation) goes through the same worker processes."""
+    spec = val_spec(data["val"], rank=0, world_size=2, workers=0)
     direct = list(loader.ValBatches(spec))
-    through_loader = list(loader.val_loader(spec))
-    assert len(direct) == len(through_loader)
-    key = lambda batch: (batch.images.numpy().tobytes(), batch.labels.tolist())  # noqa: E731
-    assert sorted(map(key, direct)) == sorted(map(key, through_loader))
+    for workers in (1, 3):
+        val = loader.val_loader(dataclasses.replace(spec, workers=workers))
+        assert_same_val_batches(list(val), direct)
+        first_workers = val._iterator._workers
+        assert_same_val_batches(list(val), direct)
+        assert val._iterator._workers == first_workers and all(worker.is_alive() for worker in first_workers)
+        val._iterator._shutdown_workers()
+
+
+def assert_same_val_batches(actual: list[Batch], expected: list[Batch]) -> None:
+    assert len(actual) == len(expected)
+    for batch, batch_expected in zip(actual, expected):
+        assert torch.equal(batch.images, batch_expected.images) and torch.equal(batch.valid, batch_expected.valid)
 
 
 # --------------------------------------------------------------------------- fields read
@@ -377,7 +488,7 @@ def test_device_decode_path_matches_the_cpu_path(data):
             assert torch.equal(batch.labels, plain_batch.labels) and torch.equal(batch.valid, plain_batch.valid)
             assert mean_abs_difference(decoded, plain_batch.images) < 3
 
-    spec = val_spec(data["val"], rank=2, world_size=3, workers=2)  # the rank with a padding batch
+    spec = val_spec(data["val"], rank=0, world_size=6, workers=2)  # 3 of 21 samples and a padding batch
     plain = list(loader.val_loader(spec))
     encoded = list(loader.val_loader(dataclasses.replace(spec, decode_on_device=True)))
     assert len(encoded) == len(plain)
@@ -390,7 +501,7 @@ def test_device_decode_path_matches_the_cpu_path(data):
         else:
             assert not batch.valid.any() and decoded.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
             padding += 1
-    assert padding == loader.val_assignment(spec.shard_samples, 3, 2, BATCH)[1][2] == 1
+    assert padding == sum(not planned for planned in loader.val_batches(len(data["val"].samples), 6, 0, BATCH)) == 1
 
 
 def test_train_batches_without_augmentation_are_the_val_transform(data):
@@ -443,7 +554,8 @@ def test_a_corrupt_jpeg_names_its_shard_and_key(data, kit, tmp_path, workers):
     spec = train_spec(Split((path,), (6,), {}, TrainSamples.scan([path])), steps=2)  # all 6 samples
     expected = rf"{path}: sample {key}: Corrupt JPEG data"
     assert re.search(expected, loader_error(loader.train_loader(spec, workers)))
-    val = loader.val_loader(val_spec(Split((path,), (6,), {}), rank=0, world_size=1, workers=workers))
+    val = loader.val_loader(val_spec(Split((path,), (6,), {}, TrainSamples.scan([path])), rank=0, world_size=1,
+                                     workers=workers))
     assert re.search(expected, loader_error(val))
 
 

@@ -27,11 +27,13 @@ def make_spec(tiny_dataset, out: Path, **overrides) -> TrainSpec:
 
 
 def test_val_batch_sizes_cover_full_short_and_padding_batches():
-    # 5 shards of 10 over 2 ranks × 1 worker, batch 4: rank 0 holds 30 samples (7 full + 2), rank 1 holds
-    # 20 (5 full) and 3 padding batches of 1 sample
-    assert val_batch_sizes((10,) * 5, 2, 1, 4) == (4, 2, 1)
-    # one rank, every worker's share a whole number of batches: full batches only
-    assert val_batch_sizes((8, 8), 1, 2, 4) == (4,)
+    # Validation balanced by sample (data/loader.py val_batches): 50 samples over 2 ranks, batch 4:
+    # 25 each, 6 full batches and a short one of 1
+    assert val_batch_sizes(50, 2, 4) == (4, 1)
+    # one rank, a whole number of batches: full batches only
+    assert val_batch_sizes(16, 1, 4) == (4,)
+    # 9 samples over 4 ranks, batch 2: shares 2, 2, 2, 3; ranks 0-2 run a padding batch of 1
+    assert val_batch_sizes(9, 4, 2) == (2, 1)
 
 
 def test_synthetic_batches_have_the_real_batches_shapes():

@@ -256,6 +256,12 @@ class _RunMethods:
         last = math.ceil(self.epochs)
         return epoch >= last or (epoch - 1) % self.eval_every_epochs == self.eval_offset
 
+    def loader_processes(self, cpus_per_task: int) -> int:
+        """Loader worker processes per device: ``loader_workers``, or for ``auto`` every CPU of the
+        task but the one its training process runs on, and at least one, so that loading overlaps
+        the step (never more than ``cpus_per_task``, which a run is refused for)."""
+        return max(cpus_per_task - 1, 1) if self.loader_workers == "auto" else self.loader_workers
+
     def augments(self, epoch: int) -> bool:
         """Whether (0-based) ``epoch`` crops at random and flips (else: the validation transform)."""
         return self.no_augment_from_epoch is None or epoch + 1 < self.no_augment_from_epoch

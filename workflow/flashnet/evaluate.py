@@ -14,7 +14,7 @@ import torch
 
 from .config import ConfigError, LauncherConfig
 from .data.checksums import sha256_file
-from .data.epochs import shard_paths
+from .data.epochs import TrainSamples
 from .data.loader import ValSpec, val_loader
 from .data.manifest import verify_manifest
 from .data.sources import DataError
@@ -50,9 +50,8 @@ def evaluate(spec: EvalSpec, cluster_environment) -> dict[str, Any] | None:
     trainer = build_trainer(accelerator, run.precision, 1, spec.devices, cluster_environment,
                             spec.launcher.ddp_timeout_s, spec.launcher.cpus_per_task,
                             logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    loader_spec = ValSpec(shard_paths(spec.val_manifest, manifest), tuple(s["samples"] for s in manifest["shards"]),
-                          trainer.global_rank, trainer.world_size, spec.batch_size, run.image_size, run.eval_resize,
-                          spec.workers)
+    loader_spec = ValSpec(TrainSamples.from_manifest(spec.val_manifest, manifest), trainer.global_rank,
+                          trainer.world_size, spec.batch_size, run.image_size, run.eval_resize, spec.workers)
     start = time.perf_counter()
     trainer.validate(module, dataloaders=val_loader(loader_spec, pin_memory=accelerator == "gpu"), verbose=False)
     if not trainer.is_global_zero:

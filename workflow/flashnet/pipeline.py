@@ -222,7 +222,8 @@ def cluster_run_config(config: dict[str, Any], run: str, executor: str | None) -
     queued, so ``accelerator: auto`` (decided on the node) would ask for none and leave a GPU recipe
     on the node's CPU."""
     settings = run_config(config, run)
-    refuse_more_workers_than_cpus(f"runs.{run}.loader_workers", settings.loader_workers, config)
+    refuse_more_workers_than_cpus(f"runs.{run}.loader_workers",
+                                  settings.loader_processes(config["launcher"]["cpus_per_task"]), config)
     if resolve_cluster(config, executor) == "slurm" and settings.accelerator == "auto":
         raise cfg.ConfigError(
             f"runs.{run}.accelerator: auto cannot size a SLURM job (its GPUs are requested when it is "

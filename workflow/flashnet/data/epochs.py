@@ -1,4 +1,5 @@
-"""Which train samples each rank's batches hold, from the manifest alone.
+"""Which train samples each rank's batches hold, from the manifest alone (:class:`TrainStreamSpec`,
+:func:`batch_stream`, :func:`worker_batches`).
 
 The samples are one stream: a concatenation of passes, pass ``p`` a permutation of all N train
 samples (numbered in shard order) seeded by (seed, p, N), the same on every rank. Global step
@@ -20,8 +21,8 @@ A sample is read by its byte range in its shard, which the manifest step records
 (``sample-ranges.npy`` beside the manifest, 16 bytes a sample, 20 MB for ImageNet, memory-mapped:
 a rank touches only the pages of its own samples). Chosen over the alternatives: walking a shard's
 tar headers to find one sample costs ~1,000 reads for one, and every rank would walk nearly every
-shard each epoch (loader workers do not outlive an epoch); an index file per shard would be a
-second file per shard to write, check and open.
+shard each epoch; an index file per shard would be a second file per shard to write, check and
+open.
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from .manifest import load_sample_ranges
 from .tarfiles import sample_byte_ranges
-
-if TYPE_CHECKING:
-    from .loader import TrainStreamSpec
+from .transforms import Augmentation
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: compared by identity (it holds an array)
@@ -79,6 +78,29 @@ class TrainSamples:
         return cls(shards, tuple(map(len, ranges)), table)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStreamSpec:
+    """Everything that determines the train batches of one rank in one epoch."""
+
+    samples: TrainSamples
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    steps: int  # batches in this epoch, on every rank: steps_per_epoch, or fewer in a fractional last epoch
+    batch_size: int  # per device
+    image_size: int
+    augmentation: Augmentation  # not drawn from where center_crop_resize is set
+    start_batch: int = 0  # resume: batches of this epoch already trained
+    decode_on_device: bool = False
+    center_crop_resize: int | None = None  # set: the val transform (resize, centre crop, no flip) instead
+    epoch_steps: int = 0  # steps of a whole epoch (0: steps); epoch e starts at global step e × epoch_steps
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(samples: int, seed: int, epoch: int) -> np.ndarray:
     """Pass ``epoch``'s permutation of sample numbers, the same on every rank (~20 ms for ImageNet).
@@ -88,7 +110,7 @@ def epoch_order(samples: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
-def global_step(spec: "TrainStreamSpec", batch: int) -> int:
+def global_step(spec: TrainStreamSpec, batch: int) -> int:
     """The global step of the epoch's batch ``batch``: epochs are ``epoch_steps`` steps long
     (``steps`` may be fewer, in a fractional last epoch)."""
     return spec.epoch * (spec.epoch_steps or spec.steps) + batch
@@ -105,7 +127,7 @@ def stream_slice(samples: int, seed: int, start: int, count: int) -> tuple[np.nd
     return passes, numbers
 
 
-def batch_stream(spec: "TrainStreamSpec", batch: int) -> tuple[np.ndarray, np.ndarray]:
+def batch_stream(spec: TrainStreamSpec, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(passes, sample numbers) of this rank's batch ``batch`` of the epoch: the rank's slice of the
     step's global batch."""
     global_batch = spec.world_size * spec.batch_size
@@ -113,12 +135,12 @@ def batch_stream(spec: "TrainStreamSpec", batch: int) -> tuple[np.ndarray, np.nd
     return stream_slice(len(spec.samples), spec.seed, start, spec.batch_size)
 
 
-def batch_samples(spec: "TrainStreamSpec", batch: int) -> np.ndarray:
+def batch_samples(spec: TrainStreamSpec, batch: int) -> np.ndarray:
     """Sample numbers of this rank's batch ``batch`` of the epoch."""
     return batch_stream(spec, batch)[1]
 
 
-def worker_batches(spec: "TrainStreamSpec", worker: int, workers: int) -> range:
+def worker_batches(spec: TrainStreamSpec, worker: int, workers: int) -> range:
     """The batch indices loader worker ``worker`` of ``workers`` makes (DataLoader collects one
     batch from each worker in turn, from worker 0)."""
     return range(spec.start_batch + worker, spec.steps, workers)

@@ -2,18 +2,36 @@
 
 Train: one stream of seeded passes over all samples, planned by :mod:`.epochs` (every sample once
 per pass; equal batches on every rank; every batch a pure function of (seed, global step, world,
-rank), whatever the number of loader workers). Batch ``b`` of those still to
-come is made by worker ``(b - start_batch) mod W``, the order DataLoader collects them in; a
-resume at batch ``k`` starts there, reading nothing before it. A sample is one ``pread`` of its
-byte range (from the manifest step's ``sample-ranges.npy``), parsed by the tar reader of
-:mod:`.tarfiles`, which reads only ``jpg`` and ``cls`` (nothing from a shard is unpickled).
+rank), whatever the number of loader workers). A sample is one ``pread`` of its byte range (from
+the manifest step's ``sample-ranges.npy``), parsed by the tar reader of :mod:`.tarfiles`, which
+reads only ``jpg`` and ``cls`` (nothing from a shard is unpickled).
 Within a batch the samples are read in (shard, offset) order and put back in batch order; each
 worker keeps its most recently used shards open. Each sample is augmented with a generator seeded
 by (seed, pass, sample).
 
-Val: shards are dealt round-robin to ranks, then to workers, so every sample is read exactly once
-across all ranks; ranks with fewer batches get batches of masked padding, because evaluation
-through DDP runs collectives per batch and every rank must take part in each.
+Training reads through one loader for the whole run (:class:`TrainRunSpec`, :class:`TrainEpochs`):
+the batches of global steps ``start_step`` (the restored step; nothing before it is read) to the
+run's end are one stream, batch ``i`` of it made by worker ``i mod W``, the order DataLoader collects
+them in, so the workers fork once per job, keep their shards open across epochs and make the next
+epoch's first batches while this one trains. A worker derives each batch's epoch, its place in the
+epoch and whether it is augmented from its global step, and makes it with that epoch's
+:class:`.epochs.TrainStreamSpec`: the batches are those of a loader of that epoch alone
+(:func:`train_loader`, for benchmarks and tests). Measured on the tiny sample data (160 images,
+10 steps an epoch, 2 workers, a 55 ms step emulated by sleeping; a 2-core AMD EPYC VM shared with
+other jobs, load 10–18; 2026-12-05): through Lightning's fit loop, an epoch's first step began a
+median 570–580 ms after ``on_train_epoch_start`` with a loader per epoch, 6–39 ms with one loader
+for the run (6 epochs: fit 17.0–18.6 s before, 8.4–10.6 s after); the loaders alone, 100–270 ms
+and 2–4 ms from an epoch's start to its first batch.
+
+Val: each rank reads a contiguous run of N // world samples or one more (numbered in shard order,
+read by byte range as train samples are), whatever the shards, in batches dealt to its workers in
+turn; a rank with one batch fewer than the largest share runs one batch of masked padding, because
+evaluation through DDP runs collectives per batch and every rank must take part in each. Every
+sample is read exactly once across all ranks. ImageNet's 50,000 val images in 196 shards of 256
+on 2,048 ranks × 8 workers at 40 a device (``val_batches``, simulated over the index alone): every
+rank reads 24 or 25 samples in one batch, no rank pads; dealt by shard, as before, 196 ranks read
+256 samples each in 7 batches and 1,852 ranks ran 7 batches of padding (10.5× the balanced share).
+The val loader's workers persist across the validations of a fit.
 
 Images are decoded on CPU workers (libjpeg-turbo through simplejpeg; at 1/2, 1/4 or 1/8 scale when
 the crop still covers twice the output size there), cropped and resized with antialiased bilinear
@@ -33,30 +51,21 @@ import math
 import os
 import signal
 import threading
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import simplejpeg
 import torch
-import webdataset as wds
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset, get_worker_info
 
 from .batch import Batch, JpegCrops
-from .epochs import TrainSamples, batch_stream, worker_batches
-from .tarfiles import ShardError, shard_samples, tar_samples
-from .transforms import Augmentation, center_crop_box, decode_crop
+from .epochs import TrainSamples, TrainStreamSpec, batch_stream, worker_batches
+from .tarfiles import ShardError, tar_samples
+from .transforms import center_crop_box, decode_crop
 
 
 class SampleError(ValueError):
     """A sample that cannot be turned into a training or validation input; names shard and key."""
-
-
-def _tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
-    """Pipeline stage: ``{"url": shard path}`` → its samples, each told where it came from."""
-    for source in sources:
-        for sample in shard_samples(source["url"]):
-            sample["__url__"] = source["url"]
-            yield sample
 
 
 def _prepared(sample: dict, prepare):
@@ -68,29 +77,6 @@ def _prepared(sample: dict, prepare):
 
 
 # --------------------------------------------------------------------------- train
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainStreamSpec:
-    """Everything that determines the train batches of one rank in one epoch."""
-
-    samples: TrainSamples
-    seed: int
-    epoch: int
-    rank: int
-    world_size: int
-    steps: int  # batches in this epoch, on every rank: steps_per_epoch, or fewer in a fractional last epoch
-    batch_size: int  # per device
-    image_size: int
-    augmentation: Augmentation  # not drawn from where center_crop_resize is set
-    start_batch: int = 0  # resume: batches of this epoch already trained
-    decode_on_device: bool = False
-    center_crop_resize: int | None = None  # set: the val transform (resize, centre crop, no flip) instead
-    epoch_steps: int = 0  # steps of a whole epoch (0: steps); epoch e starts at global step e × epoch_steps
-
-    def __post_init__(self):
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
 
 
 # --------------------------------------------------------------------------- train reading
@@ -172,16 +158,25 @@ def collate_encoded(items: list[tuple[bytes, tuple[int, int, int, int], bool, in
     return Batch(labels, torch.full((len(items),), valid), jpegs=jpegs)
 
 
-def make_batches(spec: TrainStreamSpec, batches: Iterable[int]) -> Iterator[Batch]:
-    """This rank's batches ``batches``, read and augmented."""
-    collate = collate_encoded if spec.decode_on_device else collate_decoded
-    reader = ShardReader(spec.samples)
+def make_batches(planned: Iterable[tuple[TrainStreamSpec, int]]) -> Iterator[Batch]:
+    """The batches ``(spec, batch)``, read and augmented, through one :class:`ShardReader`: a worker
+    that makes batches of several epochs keeps its shards open across their boundaries."""
+    reader: ShardReader | None = None
     try:
-        for batch in batches:
+        for spec, batch in planned:
+            reader = reader or ShardReader(spec.samples)
+            collate = collate_encoded if spec.decode_on_device else collate_decoded
             passes, numbers = batch_stream(spec, batch)
             yield collate([_augment(spec, sample, int(p)) for sample, p in zip(reader.read(numbers), passes)])
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
+
+
+def _worker() -> tuple[int, int]:
+    """(this loader worker, workers); outside a DataLoader worker, a single stream (0, 1)."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 class TrainBatches(IterableDataset):
@@ -196,9 +191,137 @@ class TrainBatches(IterableDataset):
         return self.spec.steps
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        yield from make_batches(self.spec, worker_batches(self.spec, worker, workers))
+        worker, workers = _worker()
+        yield from make_batches((self.spec, batch) for batch in worker_batches(self.spec, worker, workers))
+
+
+def epoch_position(global_step: int, epoch: int, steps_per_epoch: int, total_steps: int) -> tuple[int, int]:
+    """(batches in ``epoch``, batches of it trained by ``global_step``). Every epoch but a fractional
+    last one has ``steps_per_epoch`` batches."""
+    start_of_epoch = epoch * steps_per_epoch
+    steps = max(0, min(steps_per_epoch, total_steps - start_of_epoch))
+    done = min(max(global_step - start_of_epoch, 0), steps)
+    return steps, done
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRunSpec:
+    """Everything that determines one rank's train batches for the rest of a run: global steps
+    ``start_step`` to ``total_steps``, epoch after epoch. Each batch is made by the
+    :class:`TrainStreamSpec` of its epoch (:meth:`epoch_spec`), so it is the batch a loader of that
+    epoch alone would make."""
+
+    epoch: TrainStreamSpec  # a whole epoch of this rank: its steps are the steps of every whole epoch;
+    # its epoch, start_batch and center_crop_resize are set per epoch by epoch_spec
+    total_steps: int  # the run's steps: a fractional last epoch ends at total_steps
+    start_step: int = 0  # resume: global steps already trained
+    augmenting_epochs: int | None = None  # epochs before this (0-based) one augment, later ones take the val
+    # transform at val_resize (no_augment_from_epoch); None: every epoch augments
+    val_resize: int | None = None
+
+    def __post_init__(self):
+        if self.augmenting_epochs is not None and self.val_resize is None:
+            raise ValueError("epochs without augmentation need the val transform's resize (val_resize)")
+        if not 0 <= self.start_step <= self.total_steps:
+            raise ValueError(f"start step {self.start_step} is outside the run's {self.total_steps} steps")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.epoch.steps
+
+    def augments(self, epoch: int) -> bool:
+        return self.augmenting_epochs is None or epoch < self.augmenting_epochs
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def epoch_stop(self, epoch: int) -> int:
+        """The global step at which ``epoch`` ends (exclusive)."""
+        return min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+
+    def epoch_spec(self, epoch: int) -> TrainStreamSpec:
+        """Epoch ``epoch`` of this rank, from the batch the run resumes at when it is the first."""
+        steps, done = epoch_position(self.start_step, epoch, self.steps_per_epoch, self.total_steps)
+        return dataclasses.replace(self.epoch, epoch=epoch, steps=steps, start_batch=done,
+                                   epoch_steps=self.steps_per_epoch,
+                                   center_crop_resize=None if self.augments(epoch) else self.val_resize)
+
+
+def run_worker_batches(run: TrainRunSpec, worker: int, workers: int) -> Iterator[tuple[TrainStreamSpec, int]]:
+    """The (epoch spec, batch) pairs loader worker ``worker`` of ``workers`` makes, in order. The
+    run's remaining batches are one stream, and DataLoader collects one from each worker in turn
+    across epoch boundaries: batch ``i`` of the stream (global step ``start_step + i``) is
+    worker ``i mod W``'s. Within an epoch that is :func:`.epochs.worker_batches` of the worker
+    whose turn the epoch's first batch falls on."""
+    if run.start_step >= run.total_steps:
+        return
+    for epoch in range(run.epoch_of(run.start_step), run.epoch_of(run.total_steps - 1) + 1):
+        spec = run.epoch_spec(epoch)
+        turn = (epoch * run.steps_per_epoch + spec.start_batch - run.start_step) % workers
+        for batch in worker_batches(spec, (worker - turn) % workers, workers):
+            yield spec, batch
+
+
+class TrainRunBatches(IterableDataset):
+    """One rank's batches for the rest of the run, made by DataLoader workers in turn across
+    epochs (workers, open shards and prefetched batches carry over epoch boundaries); iterated
+    outside a worker, it makes them all in order itself."""
+
+    def __init__(self, run: TrainRunSpec):
+        self.run = run
+
+    def __iter__(self):
+        worker, workers = _worker()
+        yield from make_batches(run_worker_batches(self.run, worker, workers))
+
+
+class TrainEpochs:
+    """Lightning's train loader for a whole run: each iteration is the rest of the current epoch,
+    taken from one DataLoader iterator over :class:`TrainRunBatches`, so its workers fork once per
+    job and make the next epoch's first batches while this one trains.
+
+    Lightning (2.6.6, without ``reload_dataloaders_every_n_epochs``) asks for the train loader
+    once per ``fit`` and calls ``iter()`` on it at the start of every epoch but a resumed one
+    (``fit_loop.setup_data``, ``training_epoch_loop.on_run_start``). The epoch is Lightning's
+    (``current_epoch``, read at ``iter()``): a resume from a checkpoint written after an epoch's
+    last step restarts Lightning in that epoch with no batch left in it, and the next epoch's
+    batches must wait for the next ``iter()``. Having no ``__len__``, an epoch ends where this
+    iterator stops: Lightning then looks one batch ahead to find the end (``_PrefetchDataFetcher``)
+    and validates after the last step, also after a fractional last epoch (given a length, it would
+    read it once, at the first epoch, and validate only after batch ``steps_per_epoch`` of an
+    epoch: never after a short last one). At the end of ``fit``,
+    also on an error, Lightning shuts the workers down through ``_iterator`` as it does a
+    DataLoader's (``combined_loader._shutdown_workers_and_reset_iterator``); :meth:`close` does the
+    same for anyone else."""
+
+    def __init__(self, run: TrainRunSpec, loader: DataLoader, current_epoch: Callable[[], int] | None = None):
+        self.run, self.loader = run, loader
+        # Without a trainer (benchmarks, tests): the epoch of the next batch.
+        self.current_epoch = current_epoch or (lambda: run.epoch_of(self.step))
+        self.step = run.start_step  # global step of the next batch handed out
+        self._iterator = None
+
+    def start(self) -> None:
+        """Fork the workers and let them prefetch, if not yet done."""
+        if self._iterator is None:
+            if self.step != self.run.start_step:
+                raise RuntimeError(f"train batches asked for at step {self.step} after their loader was shut down")
+            self._iterator = iter(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.start()
+        return self._take(self.run.epoch_stop(self.current_epoch()))
+
+    def _take(self, stop: int) -> Iterator[Batch]:
+        while self.step < stop:
+            batch = next(self._iterator)
+            self.step += 1
+            yield batch
+
+    def close(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -231,13 +354,20 @@ def train_loader_over_epochs(specs: Iterable[TrainStreamSpec], workers: int, pin
     return _batch_loader(ChainDataset([TrainBatches(spec) for spec in specs]), workers, pin_memory)
 
 
+def train_run_loader(run: TrainRunSpec, workers: int, pin_memory: bool = False,
+                     current_epoch: Callable[[], int] | None = None) -> TrainEpochs:
+    """The run's train loader, epoch by epoch through one set of ``workers`` (0: in this process);
+    the batches are the same for any number of workers, and those of per-epoch loaders."""
+    return TrainEpochs(run, _batch_loader(TrainRunBatches(run), workers, pin_memory), current_epoch)
+
+
 def _batch_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=False,  # iterated once: a train loader is one epoch, or the whole run
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers else None,
         worker_init_fn=ignore_sigterm,
@@ -249,8 +379,7 @@ def _batch_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> D
 
 @dataclasses.dataclass(frozen=True)
 class ValSpec:
-    shards: tuple[str, ...]
-    shard_samples: tuple[int, ...]  # from the manifest: sizes the padding is computed from
+    samples: TrainSamples  # the val split: shards and each sample's byte range (from its manifest)
     rank: int
     world_size: int
     batch_size: int
@@ -260,16 +389,21 @@ class ValSpec:
     decode_on_device: bool = False
 
 
-def val_assignment(shard_samples: tuple[int, ...], world_size: int, workers: int, batch_size: int):
-    """Deal shards to ranks then workers; return ``shards[rank][worker]`` (shard indices) and the
-    padding batches each rank's worker 0 adds so all ranks run the same number of batches."""
-    workers = max(workers, 1)
-    shards = [[list(range(len(shard_samples)))[rank::world_size][w::workers] for w in range(workers)]
-              for rank in range(world_size)]
-    batches = [sum(math.ceil(sum(shard_samples[i] for i in worker) / batch_size) for worker in rank)
-               for rank in shards]
-    padding = [max(batches) - b for b in batches]
-    return shards, padding
+def val_share(samples: int, world_size: int, rank: int) -> range:
+    """The val samples (numbered in shard order) of ``rank``: a contiguous run of N // world or one
+    more, whatever the shards."""
+    return range(rank * samples // world_size, (rank + 1) * samples // world_size)
+
+
+def val_batches(samples: int, world_size: int, rank: int, batch_size: int) -> list[range]:
+    """The val batches of ``rank``: its share in runs of ``batch_size`` (the last may be short),
+    then empty ones (padding) up to the batch count of the largest share, so that every rank runs
+    the same number (evaluation through DDP runs collectives per batch). Batch ``j`` is made by
+    loader worker ``j mod W``, the order DataLoader collects them in."""
+    share = val_share(samples, world_size, rank)
+    most = math.ceil(math.ceil(samples / world_size) / batch_size)
+    batches = [share[start:start + batch_size] for start in range(0, len(share), batch_size)]
+    return batches + [range(0)] * (most - len(batches))
 
 
 def _val_sample(spec: ValSpec, sample: dict):
@@ -293,47 +427,37 @@ def _padding_batch(spec: ValSpec) -> Batch:
 
 
 class ValBatches(IterableDataset):
-    """One rank's share of the val shards, each sample once; then its padding batches."""
+    """One rank's share of the val samples, each once, read by byte range; then its padding batch,
+    if any. The batches do not depend on the number of workers."""
 
     def __init__(self, spec: ValSpec):
         self.spec = spec
-        self.assignment, self.padding = val_assignment(spec.shard_samples, spec.world_size, spec.workers,
-                                                       spec.batch_size)
-
-    def _batches(self, shard_ids: list[int]) -> Iterator[Batch]:
-        """One worker's shards, batched (the last batch of each worker may be short)."""
-        if not shard_ids:
-            return iter(())
-        collate = collate_encoded if self.spec.decode_on_device else collate_decoded
-        return iter(wds.DataPipeline(
-            wds.SimpleShardList([self.spec.shards[i] for i in shard_ids]),
-            _tar_samples,
-            wds.map(lambda sample: _val_sample(self.spec, sample)),
-            wds.batched(self.spec.batch_size, collation_fn=collate, partial=True),
-        ))
+        self.batches = val_batches(len(spec.samples), spec.world_size, spec.rank, spec.batch_size)
 
     def __iter__(self):
-        info = get_worker_info()
-        if info is not None and info.num_workers != max(self.spec.workers, 1):
-            raise RuntimeError(f"val shards dealt to {self.spec.workers} workers run in {info.num_workers}")
-        worker = info.id if info else 0
-        owned = self.assignment[self.spec.rank]
-        # Outside a worker (num_workers=0, or iterated directly) each planned worker's shards are
-        # still batched on their own, so the batch count is the one the padding was planned for.
-        shard_lists = [owned[worker]] if info else owned
-        for shard_ids in shard_lists:
-            yield from self._batches(shard_ids)
-        if worker == 0:
-            for _ in range(self.padding[self.spec.rank]):
-                yield _padding_batch(self.spec)
+        worker, workers = _worker()
+        collate = collate_encoded if self.spec.decode_on_device else collate_decoded
+        reader = ShardReader(self.spec.samples)
+        try:
+            for numbers in self.batches[worker::workers]:
+                if not numbers:
+                    yield _padding_batch(self.spec)
+                    continue
+                samples = reader.read(np.arange(numbers.start, numbers.stop, dtype=np.int64))
+                yield collate([_val_sample(self.spec, sample) for sample in samples])
+        finally:
+            reader.close()
 
 
 def val_loader(spec: ValSpec, pin_memory: bool = False) -> DataLoader:
+    """The rank's val batches through ``spec.workers`` processes that outlive each pass: Lightning
+    iterates the one val loader it asks for again at every validation of a fit."""
     return DataLoader(
         ValBatches(spec),
         batch_size=None,
         num_workers=spec.workers,
         pin_memory=pin_memory,
+        persistent_workers=spec.workers > 0,
         multiprocessing_context="fork" if spec.workers else None,
         worker_init_fn=ignore_sigterm,
     )

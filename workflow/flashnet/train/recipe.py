@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from ..config import LauncherConfig, MlperfConfig, RunConfig
-from ..data.epochs import TrainSamples, shard_paths
+from ..data.epochs import TrainSamples
 from ..files import write_json
 from ..mlperf.log import MLPerfLog, platform_name
 from ..runfolder import SUMMARY_FILE, record_failure
@@ -80,8 +80,7 @@ def warmup_callbacks(run: RunConfig, val_manifest: dict) -> list[pl.Callback]:
     batch and every val batch size of the val plan (the per-device batch, as ShardData's)."""
     if not run.warmup_before_run_start:
         return []
-    sizes = val_batch_sizes(tuple(s["samples"] for s in val_manifest["shards"]), run.world_size,
-                            run.loader_workers, run.per_device_batch)
+    sizes = val_batch_sizes(val_manifest["samples"], run.world_size, run.per_device_batch)
     return [Warmup(run.image_size, run.per_device_batch, sizes, decode_on_device=run.decode_device == "cuda")]
 
 
@@ -106,9 +105,9 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
     spe = run_steps_per_epoch(run, train_manifest["samples"])
     mlperf_log.describe_data(train_manifest["samples"], val_manifest["samples"], spe)
     total = total_steps(run.epochs, spe)
-    train_samples = TrainSamples.from_manifest(spec.train_manifest, train_manifest)
-    data = ShardData(run, train_samples, shard_paths(spec.val_manifest, val_manifest),
-                     tuple(s["samples"] for s in val_manifest["shards"]), spe, total, run.per_device_batch)
+    data = ShardData(run, TrainSamples.from_manifest(spec.train_manifest, train_manifest),
+                     TrainSamples.from_manifest(spec.val_manifest, val_manifest), spe, total, run.per_device_batch,
+                     run.loader_processes(spec.launcher.cpus_per_task))
 
     # model, optimizer and schedule (configure_optimizers), on the device's preferred layout
     schedule = schedule_for_run(run, spe)
@@ -150,7 +149,6 @@ def train(spec: TrainSpec, cluster_environment, stop: StopRequest,
         enable_checkpointing=True,
         enable_progress_bar=interactive,
         num_sanity_val_steps=0,
-        reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=False,
         log_every_n_steps=run.log_every_steps,
         default_root_dir=out_dir,

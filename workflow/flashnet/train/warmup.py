@@ -43,27 +43,14 @@ from ..data import loader
 from ..data.loader import collate_decoded, collate_encoded
 
 
-def val_batch_sizes(shard_samples: Sequence[int], world_size: int, workers: int, batch_size: int) -> tuple[int, ...]:
+def val_batch_sizes(val_samples: int, world_size: int, batch_size: int) -> tuple[int, ...]:
     """Every size of val batch that any rank runs, largest first: full batches, short last ones, and
-    the 1-sample padding batches, from the val loader's own plan (``data/loader.py``).
+    the 1-sample padding batches, from the val loader's own plan (``data/loader.py: val_batches``).
 
     The same on every rank, so every rank warms up with the same number of evaluation forwards:
     DDP's forward may broadcast buffers, a collective each rank must join."""
-    if hasattr(loader, "val_batches"):  # validation balanced by sample: batches are ranges, padding empty
-        total = sum(shard_samples)
-        sizes = {max(len(batch), 1) for rank in range(world_size)
-                 for batch in loader.val_batches(total, world_size, rank, batch_size)}
-        return tuple(sorted(sizes, reverse=True))
-    # shards dealt to ranks, then workers; each worker batches its shards, the last batch short
-    assignment, padding = loader.val_assignment(tuple(shard_samples), world_size, workers, batch_size)
-    sizes = {1} if any(padding) else set()
-    for rank_shards in assignment:
-        for worker_shards in rank_shards:
-            samples = sum(shard_samples[shard] for shard in worker_shards)
-            if samples >= batch_size:
-                sizes.add(batch_size)
-            if samples % batch_size:
-                sizes.add(samples % batch_size)
+    sizes = {max(len(batch), 1) for rank in range(world_size)
+             for batch in loader.val_batches(val_samples, world_size, rank, batch_size)}
     return tuple(sorted(sizes, reverse=True))
 
 
