@@ -66,8 +66,10 @@ def applies(requirement: Requirement, extras: set[str]) -> bool:
     return any(marker.evaluate({**DEVICE_MARKERS, "extra": extra}) for extra in (extras or {""}))
 
 
-def needed_distributions(requirements: list[Requirement]) -> set[str]:
-    """The requirements closed over their distributions' Requires-Dist (as installed here)."""
+def needed_distributions(requirements: list[Requirement], image: frozenset[str] = frozenset()) -> set[str]:
+    """The requirements closed over their distributions' Requires-Dist (as installed here). The
+    needs of a distribution on ``image`` are not followed: the image installed it with its own
+    (pandas there brings its tzdata, whatever pandas here would ask for)."""
     needed: set[str] = set()
     todo = [(r, set()) for r in requirements]
     while todo:
@@ -79,6 +81,8 @@ def needed_distributions(requirements: list[Requirement]) -> set[str]:
         if key in needed:
             continue
         needed.update({name, key})
+        if name in image:
+            continue
         try:
             dependencies = metadata.requires(name) or []
         except metadata.PackageNotFoundError:
@@ -101,7 +105,7 @@ def pins() -> dict[str, str]:
 def carried_wheels(image: set[str] | None = None) -> dict[str, str]:
     """{distribution: version} for every needed distribution the device image lacks."""
     image = image_packages() if image is None else image
-    missing = sorted(needed_distributions(project_requirements()) - image)
+    missing = sorted(needed_distributions(project_requirements(), frozenset(image)) - image)
     pinned = pins()
     return {name: pinned.get(name) or metadata.version(name) for name in missing}
 

@@ -161,9 +161,10 @@ def modules_off_the_gpu_image(on_machine: set[str]) -> set[str]:
 def test_carried_wheels_are_what_the_gpu_image_lacks_of_the_projects_needs():
     wheels = gpu_wheels()
     carried = wheels.carried_wheels()
-    # flashnet.config validates with jsonschema, which brings referencing, its specifications and rpds-py
-    assert set(carried) == {"braceexpand", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-                            "simplejpeg", "submitit", "webdataset"}
+    # flashnet.config validates with jsonschema, which brings referencing, its specifications and rpds-py;
+    # a run's MLPerf log is written by mlperf-logging (its pandas, numpy, scipy and PyYAML are on the image)
+    assert set(carried) == {"braceexpand", "jsonschema", "jsonschema-specifications", "mlperf-logging", "referencing",
+                            "rpds-py", "simplejpeg", "submitit", "webdataset"}
     assert carried["jsonschema"] == constraints()["jsonschema"]
     image = wheels.image_packages()
     assert {"torch", "torchvision", "pytorch-lightning", "torchmetrics", "attrs", "pyyaml"} <= image

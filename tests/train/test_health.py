@@ -74,7 +74,7 @@ class Observe(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
-        if trainer.global_step % trainer.num_training_batches == 0:
+        if trainer.global_step % trainer.datamodule.steps_per_epoch == 0:  # the loader has no length
             self.before_validation.append(flat_statistics(pl_module))
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:

@@ -17,7 +17,8 @@ def manual_project_step(module, optimizer, scheduler, precision: str, device: to
                         optimizer_timer: RegionTimer):
     """One training step in a hand-written loop, in the order Lightning's automatic optimization
     runs it: training_step under autocast, zero_grad, backward, optimizer.step, then the per-step
-    scheduler. fp16 (``16-mixed``) scales the loss with a GradScaler, as Lightning's precision plugin does."""
+    scheduler, if any (LARS steps its schedule itself, on the device: ``scheduler`` None). fp16
+    (``16-mixed``) scales the loss with a GradScaler, as Lightning's precision plugin does."""
     autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
@@ -34,7 +35,8 @@ def manual_project_step(module, optimizer, scheduler, precision: str, device: to
             with optimizer_timer.region():
                 scaler.step(optimizer)
             scaler.update()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
 
     return step
 
@@ -43,8 +45,11 @@ def run_manual_loop(module, batches: Iterator, precision: str, warmup: int, step
                     compile_mode: str | None) -> Timing:
     """The module's own step without Lightning: the same optimizer and schedule it configures."""
     module.train()
-    configured = module.configure_optimizers()
-    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    configured = module.configure_optimizers()  # LARS alone, or SGD with its LambdaLR
+    if isinstance(configured, dict):
+        optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    else:
+        optimizer, scheduler = configured, None
     optimizer_timer = RegionTimer(device)
     project_step = manual_project_step(module, optimizer, scheduler, precision, device, optimizer_timer)
     data_wait = [0.0]
