@@ -1,5 +1,6 @@
-"""What the pipeline tests (test_pipeline_local.py, test_pipeline_slurm.py) share: a tiny config,
-a workflow run in a temporary folder, and checks of the outputs that hold whatever ran it."""
+"""What the pipeline tests (test_pipeline_local.py, test_pipeline_slurm.py, test_pipeline_mlperf.py)
+share: a tiny config, a workflow run in a temporary folder, real digit images in the extracted
+layout, and checks of the outputs that hold whatever ran it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,35 @@ def tiny_config(**run_overrides: Any) -> dict[str, Any]:
     config = copy.deepcopy(TINY_CONFIG)
     config["runs"][RUN].update(run_overrides)
     return config
+
+
+def write_digits_extracted(root: Path, train_per_class: int, val_per_class: int, side: int = 32) -> Path:
+    """scikit-learn's handwritten digits (1,797 real 8×8 greyscale scans, 10 classes, shipped in its
+    wheel) as RGB JPEGs of ``side`` pixels in the extracted layout that ``data/sources/folders.py``
+    reads: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``, digit d under the made-up WNID
+    ``n0000000d``. Each class's first ``train_per_class`` images (in the data set's order) go to
+    train, the next ``val_per_class`` to val; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    taken = {split: dict.fromkeys(range(10), 0) for split in SPLITS}
+    for index, (pixels, digit) in enumerate(zip(digits.images, digits.target)):
+        digit = int(digit)
+        split = "train" if taken["train"][digit] < train_per_class else "val"
+        if taken[split][digit] >= (train_per_class if split == "train" else val_per_class):
+            continue
+        taken[split][digit] += 1
+        folder = root / split / f"n{digit:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = Image.fromarray(np.uint8(np.round(pixels * (255 / 16))))  # the scans' values are 0-16
+        grey.resize((side, side), Image.Resampling.BICUBIC).convert("RGB").save(
+            folder / f"digit_{index:04d}.JPEG", quality=95)
+    short = {split: d for split, counts in taken.items() for d, n in counts.items()
+             if n < (train_per_class if split == "train" else val_per_class)}
+    assert not short, f"too few digits for {train_per_class}+{val_per_class} a class: {short}"
+    return root
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
