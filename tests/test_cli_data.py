@@ -144,6 +144,13 @@ def job_counts(output: str) -> dict[str, int]:
             if m.group(1) != "total"}
 
 
+def run_data_stage(settings: Path, tmp_path: Path, *flags: str) -> str:
+    """The workflow up to the manifests with ``settings`` as its config file; its output."""
+    result = snakemake("--cores", "1", "--until", "manifest", *flags, configfiles=(str(settings),), tmp_path=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout + result.stderr
+
+
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed next to this Python")
 def test_dry_run_of_the_default_config_plans_every_step(tmp_path):
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -233,10 +240,7 @@ def test_forcerun_write_shards_rewrites_every_shard_and_the_next_run_nothing(tmp
     settings.write_text(yaml.safe_dump({"data_dir": str(data_dir), "shards": {"samples_per_shard": 4, "jobs": 2}}))
 
     def data_stage(*flags):
-        result = snakemake("--cores", "1", "--until", "manifest", *flags, configfiles=(str(settings),),
-                           tmp_path=tmp_path)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        return result.stdout + result.stderr
+        return run_data_stage(settings, tmp_path, *flags)
 
     def shard_files():
         return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "results").rglob("*.tar")}
@@ -283,10 +287,7 @@ def test_an_image_added_to_or_removed_from_a_class_folder_plans_the_index_and_sh
     settings.write_text(yaml.safe_dump({"data_dir": str(data_dir), "shards": {"samples_per_shard": 4, "jobs": 2}}))
 
     def data_stage(*flags):
-        result = snakemake("--cores", "1", "--until", "manifest", *flags, configfiles=(str(settings),),
-                           tmp_path=tmp_path)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        return result.stdout + result.stderr
+        return run_data_stage(settings, tmp_path, *flags)
 
     data_stage()
     assert job_counts(data_stage("-n")) == {}

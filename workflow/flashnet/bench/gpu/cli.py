@@ -184,22 +184,21 @@ def quiet_lightning():
 @contextlib.contextmanager
 def own_process_group():
     """The world-size-1 process group the fit loops' DDP starts (Lightning keeps it until the process
-    exits, and leaves its address in MASTER_ADDR/MASTER_PORT) ends with the run: a later run or a
-    test in the same process, or a child it starts, would otherwise find the port taken."""
+    exits, and leaves its address and this process's ranks in MASTER_ADDR/MASTER_PORT, LOCAL_RANK,
+    NODE_RANK, WORLD_SIZE...) ends with the run, and the environment is put back as it was: a later
+    run or a test in the same process, or a child it starts (a submitit job refuses to export a
+    LOCAL_RANK already set), would otherwise find the port taken or the ranks set."""
     import torch.distributed as dist
 
     before = dist.is_available() and dist.is_initialized()
-    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    saved = dict(os.environ)
     try:
         yield
     finally:
         if not before and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
