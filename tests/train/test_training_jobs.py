@@ -4,6 +4,7 @@ uninterrupted job of the same seed."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -62,6 +63,11 @@ def test_ddp_job_survives_two_usr2_interruptions(tiny_dataset, tmp_path):
     assert (expected["job_segments"], summary["job_segments"]) == (1, 3)
     metrics = (tmp_path / "interrupted" / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in metrics[1:]] == ["1", "2"]
+    # each epoch's mean train loss over both ranks survives the stops mid-epoch (every rank's running
+    # sum goes into the checkpoint, not rank 0's alone)
+    train_loss = {name: [row["train_loss"] for row in csv.DictReader((tmp_path / name / "metrics.csv").open())]
+                  for name in ("reference", "interrupted")}
+    assert train_loss["interrupted"] == train_loss["reference"]
     a = torch.load(tmp_path / "reference" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "interrupted" / "model.pt", weights_only=True)["state_dict"]
     differing = {name: float((b[name].double() - a[name].double()).abs().max()) for name in a}

@@ -306,6 +306,7 @@ class ResumeCheckpoints(pl.callbacks.Checkpoint):
         # at evaluation is the same whenever it is also taken in between. A collective: every rank
         # takes part before rank 0 decides whether it writes.
         average_batchnorm_statistics(trainer.lightning_module.model)
+        trainer.lightning_module.share_epoch_loss()  # likewise the epoch's running train loss
         writes = trainer.is_global_zero and (wait or not self.writer.busy)  # else skipped: due again next check
         if not (writes or wait):
             return  # nothing here for training to wait for (nor to time)

@@ -160,7 +160,8 @@ class ImageNetClassifier(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.run_config.label_smoothing)
         self.val_top1, self.val_top5 = accuracy_metrics(num_classes)
         # Device-side bookkeeping, read only at log intervals so the step never waits on the host.
-        # Saved in resume checkpoints (not in model.pt), so an epoch's mean loss survives a requeue.
+        # Saved in resume checkpoints (not in model.pt), shared over the ranks first (share_epoch_loss),
+        # so an epoch's mean loss over all ranks survives a requeue.
         self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros((), dtype=torch.long))
         # This rank's first non-finite step (-1: none), as bench/gpu reads it; the run's checks use log_totals.
@@ -255,6 +256,20 @@ class ImageNetClassifier(pl.LightningModule):
         self.log("val_top5", self.val_top5.compute(), sync_dist=False, logger=False)
         self.val_top1.reset()
         self.val_top5.reset()
+
+    def share_epoch_loss(self) -> None:
+        """Each rank's running epoch loss (``loss_sum``, ``loss_count``) replaced by its mean over
+        the ranks (a collective: call on every rank). A resume checkpoint holds rank 0's buffers and
+        every rank resumes from them; after this they carry every rank's share, and
+        :meth:`take_mean_train_loss`, which sums over the ranks, gives the same epoch mean as an
+        uninterrupted run (every rank counts the same steps, so the mean count is exact)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        totals = torch.stack([self.loss_sum, self.loss_count.double()])
+        dist.all_reduce(totals)
+        totals /= dist.get_world_size()
+        self.loss_sum.copy_(totals[0])
+        self.loss_count.copy_(totals[1].round().long())
 
     def take_mean_train_loss(self) -> float:
         """Mean train loss since the last call, over all ranks (a collective: call on every rank)."""
